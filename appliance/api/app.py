@@ -1,0 +1,65 @@
+"""The FastAPI application: routers stay thin, errors map in one place, state lives on app.state."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from appliance import __version__
+from appliance.api import health, problems
+from appliance.api.middleware import RequestContext
+from appliance.api.state import AppState
+from appliance.logs import configure_logging, get_logger
+from appliance.settings import Settings, get_settings
+
+log = get_logger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = AppState.build(settings)
+        app.state.appliance = state
+        state.api_keys.start()
+        for hook in app.state.startup_hooks:
+            hook(state)
+        log.info("started", port=settings.port, key_provider=settings.key_provider)
+        try:
+            yield
+        finally:
+            for hook in reversed(app.state.shutdown_hooks):
+                hook(state)
+            state.close()
+            log.info("stopped")
+
+    app = FastAPI(
+        title="Edge biometric storage appliance",
+        version=__version__,
+        lifespan=lifespan,
+        description="Sealed face templates, millisecond matching, audited access, provable erasure.",
+    )
+    app.state.startup_hooks = []
+    app.state.shutdown_hooks = []
+    problems.install(app)
+    app.include_router(health.router)
+    for register in _feature_routers():
+        register(app)
+    app.add_middleware(
+        RequestContext,
+        max_body_bytes=settings.max_body_bytes,
+        body_limits=getattr(app.state, "body_limits", {}),
+        quiet_paths=("/healthz", "/readyz", "/metrics"),
+    )
+    return app
+
+
+def _feature_routers() -> list:  # type: ignore[type-arg]
+    """Each feature module exposes ``register(app)``; listed here so the app reads top to bottom."""
+    from appliance.api import keys
+
+    return [keys.register]

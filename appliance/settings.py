@@ -1,0 +1,128 @@
+"""One settings object for the whole appliance (DESIGN.md, "Configuration").
+
+Sources, highest priority first: init arguments, ``APPLIANCE_*`` environment variables, the TOML
+file named by ``APPLIANCE_CONFIG`` (the local stack writes ``var/appliance.toml``), defaults.
+Secrets are ``SecretStr`` so they never print; they come from files, never from the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_VAR_DIR = Path(os.environ.get("APPLIANCE_VAR_DIR", "var"))
+
+
+class ModelSpec(BaseModel):
+    """A face-embedding model: its own dimension, index and decision threshold."""
+
+    dim: int = Field(gt=0, le=4096)
+    threshold: float = Field(ge=-1.0, le=1.0)
+
+
+DEFAULT_MODELS: dict[str, ModelSpec] = {
+    # Threshold chosen from ../shared/data/faces_dlib128.npz (see README, "Choosing thresholds").
+    "dlib-resnet-v1": ModelSpec(dim=128, threshold=0.93),
+    "arcface-r100": ModelSpec(dim=512, threshold=0.40),
+}
+
+
+class Settings(BaseSettings):
+    """Every endpoint, credential and tunable of the appliance; each is documented in README."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="APPLIANCE_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    # --- process ---
+    var_dir: Path = DEFAULT_VAR_DIR
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    log_level: str = "INFO"
+    log_json: bool = True
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+
+    # --- PostgreSQL ---
+    database_url: SecretStr = SecretStr("postgresql://appliance@127.0.0.1:5432/appliance")
+    # Owner role used only by `appliance migrate` and maintenance (VACUUM, partition drops).
+    database_admin_url: SecretStr | None = None
+    db_pool_min: int = Field(default=1, ge=0)
+    db_pool_max: int = Field(default=8, ge=1)
+    db_connect_timeout: float = Field(default=3.0, gt=0)
+
+    # --- Redis ---
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_timeout: float = Field(default=1.0, gt=0)
+
+    # --- S3 object store ---
+    s3_endpoint: str = "127.0.0.1:8333"
+    s3_access_key: SecretStr = SecretStr("")
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "appliance-media"
+    s3_timeout: float = Field(default=5.0, gt=0)
+
+    # --- keys ---
+    key_provider: Literal["vault", "local"] = "local"
+    vault_addr: str = "http://127.0.0.1:8200"
+    vault_role_id: SecretStr = SecretStr("")
+    vault_secret_id: SecretStr = SecretStr("")
+    vault_transit_mount: str = "transit"
+    vault_kek_name: str = "appliance-kek"
+    vault_signing_key_name: str = "appliance-signing"
+    vault_timeout: float = Field(default=2.0, gt=0)
+    local_key_dir: Path | None = None
+    dek_cache_size: int = Field(default=10_000, gt=0)
+    dek_cache_ttl: float = Field(default=300.0, gt=0)
+
+    # --- auth ---
+    apikey_cache_ttl: float = Field(default=0.5, gt=0, le=1.0)
+
+    # --- models ---
+    models: dict[str, ModelSpec] = Field(default_factory=lambda: dict(DEFAULT_MODELS))
+
+    @field_validator("var_dir", mode="after")
+    @classmethod
+    def _absolute_var_dir(cls, v: Path) -> Path:
+        return v.resolve()
+
+    @property
+    def key_dir(self) -> Path:
+        """Where the local key provider keeps its 0600 KEK and signing key."""
+        return self.local_key_dir or (self.var_dir / "keys")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = os.environ.get("APPLIANCE_CONFIG")
+        if config and Path(config).is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings; tests build their own ``Settings`` instead of patching this."""
+    return Settings()
