@@ -198,5 +198,25 @@ def apikey_revoke(key: Annotated[str, typer.Argument(help="Key id or prefix.")])
     typer.echo(f"revoked {key}")
 
 
+# Command groups living beside their feature: appliance/commands/<name>.py exposes a Typer ``app``.
+COMMAND_GROUPS = ("keys", "subject", "audit", "retention", "backup")
+
+
+def _add_command_groups() -> None:
+    import importlib
+
+    for name in COMMAND_GROUPS:
+        try:
+            module = importlib.import_module(f"appliance.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"appliance.commands.{name}":
+                continue
+            raise
+        app.add_typer(module.app, name=name)
+
+
+_add_command_groups()
+
+
 def main() -> None:
     app()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -58,8 +59,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _feature_routers() -> list:  # type: ignore[type-arg]
-    """Each feature module exposes ``register(app)``; listed here so the app reads top to bottom."""
-    from appliance.api import keys
+# Feature modules under appliance/api/, in the order their routes appear in the OpenAPI document.
+# Each exposes ``register(app)`` (routers, startup/shutdown hooks, body limits).
+FEATURES = ("keys", "subjects", "enrol", "match", "media", "audit", "gdpr")
 
-    return [keys.register]
+
+def _feature_routers() -> list:  # type: ignore[type-arg]
+    registers = []
+    for name in FEATURES:
+        try:
+            module = importlib.import_module(f"appliance.api.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"appliance.api.{name}":
+                continue  # feature not built into this version
+            raise
+        registers.append(module.register)
+    return registers
