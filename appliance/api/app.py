@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
+    app.state.body_limits = {}  # path prefix -> max request bytes, set by features (e.g. media uploads)
     problems.install(app)
     app.include_router(health.router)
     for register in _feature_routers():
@@ -53,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestContext,
         max_body_bytes=settings.max_body_bytes,
-        body_limits=getattr(app.state, "body_limits", {}),
+        body_limits=app.state.body_limits,
         quiet_paths=("/healthz", "/readyz", "/metrics"),
     )
     return app

@@ -17,6 +17,8 @@ from redis import Redis
 from appliance import clients
 from appliance.auth import KeyCache
 from appliance.settings import Settings
+from appliance.subject_keys import SubjectKeys
+from crypto.dek_cache import DekCache
 
 if TYPE_CHECKING:
     from crypto.providers.base import KeyProvider
@@ -31,7 +33,7 @@ class AppState:
     api_keys: KeyCache
     extras: dict[str, Any] = field(default_factory=dict)
     _keys: KeyProvider | None = None
-    _keys_lock: threading.Lock = field(default_factory=threading.Lock)
+    _keys_lock: threading.RLock = field(default_factory=threading.RLock)
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
@@ -47,12 +49,25 @@ class AppState:
         )
 
     @property
+    def subject_keys(self) -> SubjectKeys:
+        """Per-subject DEKs through one bounded DEK cache (erasure evicts from it)."""
+        found = self.extras.get("subject_keys")
+        if found is None:
+            with self._keys_lock:
+                found = self.extras.get("subject_keys")
+                if found is None:
+                    cache = DekCache(self.settings.dek_cache_size, self.settings.dek_cache_ttl)
+                    found = self.extras["subject_keys"] = SubjectKeys(self.keys, cache)
+        return found  # type: ignore[no-any-return]
+
+    @property
     def keys(self) -> KeyProvider:
         """The key provider, logged in on first use (raises KeyProviderUnavailable while down)."""
         if self._keys is None:
+            provider = clients.key_provider(self.settings)
             with self._keys_lock:
                 if self._keys is None:
-                    self._keys = clients.key_provider(self.settings)
+                    self._keys = provider
         return self._keys
 
     def close(self) -> None:
