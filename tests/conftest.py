@@ -23,9 +23,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The four real servers (PostgreSQL+pgvector, Valkey, SeaweedFS S3, OpenBao), migrated."""
     from appliance.db.migrate import migrate
     from appliance.stack.manager import Stack
+    from appliance.stack.process import free_port
 
     var_dir = ROOT / "var" / "test" / f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    s = Stack(var_dir, persistent_vault=True, api_port=0)
+    s = Stack(var_dir, persistent_vault=True, api_port=free_port())
     try:
         s.up()
         migrate(_load(s.config_file)["database_admin_url"])

@@ -40,7 +40,7 @@ def test_every_stack_server_listens_on_loopback_only(stack: Stack) -> None:
 
 def test_stack_up_twice_is_harmless_and_keeps_the_same_processes(stack: Stack) -> None:
     before = {s.name: s.pid for s in stack.services}
-    again = Stack(stack.var_dir, persistent_vault=True, api_port=0)
+    again = Stack(stack.var_dir, persistent_vault=True)
     again.up()
     after = {s.name: s.pid for s in again.services}
     assert before == after
@@ -54,7 +54,7 @@ def test_status_reports_a_crashed_server_and_up_restarts_it(stack: Stack) -> Non
     pid = stack.redis.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    probe = Stack(stack.var_dir, persistent_vault=True, api_port=0)
+    probe = Stack(stack.var_dir, persistent_vault=True)
     import time
 
     for _ in range(50):
