@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     s3_bucket: str = "appliance-media"
+    s3_backup_bucket: str = "appliance-backups"
     s3_timeout: float = Field(default=5.0, gt=0)
 
     # --- keys ---
