@@ -34,7 +34,7 @@ def fresh_postgres(tmp_path: Path) -> Iterator[Postgres]:
 
 def _counts(dsn: str) -> dict[str, int]:
     with psycopg.connect(dsn) as conn:
-        return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}  # noqa: S608
+        return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
 
 def test_backup_then_restore_into_a_fresh_database_keeps_every_row(settings, admin_dsn, client, admin_headers,
