@@ -390,6 +390,8 @@ listener "tcp" {{
   address         = "{LOOPBACK}:{self.state['port']}"
   cluster_address = "{LOOPBACK}:{self.state['cluster_port']}"
   tls_disable     = true
+  # Batched transit calls carry thousands of keys; OpenBao's default of 1000 strings allows ~249.
+  max_request_json_strings = 65536
 }}
 api_addr      = "{self.addr}"
 cluster_addr  = "http://{LOOPBACK}:{self.state['cluster_port']}"
