@@ -69,30 +69,33 @@ def parse_token(token: str) -> tuple[str, str]:
     return parts[1], parts[2]
 
 
-def create_key(pool_or_dsn: ConnectionPool | str, name: str, scopes: list[str]) -> tuple[ApiKey, str]:
-    """Create a key; returns the record and the full token, which is shown once and never stored."""
+def create_key(conn: psycopg.Connection, name: str, scopes: list[str]) -> tuple[ApiKey, str]:
+    """Create a key in ``conn``'s transaction; returns the record and the full token (shown once)."""
     unknown = set(scopes) - {s.value for s in Scope}
     if unknown or not scopes:
         raise ValueError(f"unknown or empty scopes: {sorted(unknown) or scopes}")
     prefix = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     key = ApiKey(uuid.uuid4(), name, prefix, _hash(secret), frozenset(scopes))
-    sql = "INSERT INTO api_keys (id, name, prefix, secret_hash, scopes) VALUES (%s, %s, %s, %s, %s)"
-    params = (key.id, name, prefix, key.secret_hash, sorted(scopes))
-    _execute(pool_or_dsn, sql, params)
+    conn.execute(
+        "INSERT INTO api_keys (id, name, prefix, secret_hash, scopes) VALUES (%s, %s, %s, %s, %s)",
+        (key.id, name, prefix, key.secret_hash, sorted(scopes)),
+    )
     return key, f"{KEY_PREFIX}_{prefix}_{secret}"
 
 
-def revoke_key(pool_or_dsn: ConnectionPool | str, key_id_or_prefix: str) -> bool:
-    sql = (
-        "UPDATE api_keys SET revoked_at = now() WHERE revoked_at IS NULL "
-        "AND (id::text = %s OR prefix = %s)"
-    )
-    return _execute(pool_or_dsn, sql, (key_id_or_prefix, key_id_or_prefix)) > 0
+def revoke_key(conn: psycopg.Connection, key_id_or_prefix: str) -> uuid.UUID | None:
+    """Revoke by id or prefix in ``conn``'s transaction; returns the revoked key's id, if any was active."""
+    row = conn.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE revoked_at IS NULL AND (id::text = %s OR prefix = %s) "
+        "RETURNING id",
+        (key_id_or_prefix, key_id_or_prefix),
+    ).fetchone()
+    return row[0] if row else None
 
 
-def list_keys(pool_or_dsn: ConnectionPool | str) -> list[ApiKey]:
-    return [_row(r) for r in _fetch(pool_or_dsn, _SELECT + " ORDER BY created_at")]
+def list_keys(conn: psycopg.Connection) -> list[ApiKey]:
+    return [_row(r) for r in conn.execute(_SELECT + " ORDER BY created_at").fetchall()]
 
 
 _SELECT = "SELECT id, name, prefix, secret_hash, scopes, created_at, revoked_at FROM api_keys"
@@ -102,19 +105,8 @@ def _row(r: tuple) -> ApiKey:  # type: ignore[type-arg]
     return ApiKey(r[0], r[1], r[2], bytes(r[3]), frozenset(r[4]), r[5], r[6])
 
 
-def _execute(target: ConnectionPool | str, sql: str, params: tuple) -> int:  # type: ignore[type-arg]
-    if isinstance(target, str):
-        with psycopg.connect(target) as conn:
-            return conn.execute(sql, params).rowcount  # type: ignore[arg-type]
-    with target.connection() as conn:
-        return conn.execute(sql, params).rowcount  # type: ignore[arg-type]
-
-
-def _fetch(target: ConnectionPool | str, sql: str, params: tuple = ()) -> list[tuple]:  # type: ignore[type-arg]
-    if isinstance(target, str):
-        with psycopg.connect(target) as conn:
-            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
-    with target.connection() as conn:
+def _fetch(pool: ConnectionPool, sql: str, params: tuple = ()) -> list[tuple]:  # type: ignore[type-arg]
+    with pool.connection() as conn:
         return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
 
 

@@ -117,14 +117,12 @@ def stack_up(
 
 def _ensure_admin_key(var_dir: Path) -> None:
     """For the quick start only: one admin key, written to var/admin.key (0600)."""
-    from appliance.auth import create_key
-    from appliance.db.pool import admin_dsn
     from appliance.stack.process import write_secret
 
     path = var_dir / "admin.key"
     if path.exists():
         return
-    _, token = create_key(admin_dsn(_settings()), "quickstart-admin", ["admin"])
+    _, token = _create_key_audited("quickstart-admin", ["admin"])
     write_secret(path, token + "\n")
     typer.echo(f"admin API key written to {path}")
 
@@ -164,11 +162,8 @@ def apikey_create(
     scopes: Annotated[str, typer.Option(help="Comma-separated: match,enroll,media,audit,admin.")],
 ) -> None:
     """Create a key; the secret is printed once and stored only hashed."""
-    from appliance.auth import create_key
-    from appliance.db.pool import admin_dsn
-
     try:
-        key, token = create_key(admin_dsn(_settings()), name, [s.strip() for s in scopes.split(",") if s])
+        key, token = _create_key_audited(name, [s.strip() for s in scopes.split(",") if s])
     except ValueError as exc:
         _fail(str(exc), 2)
         return
@@ -179,10 +174,14 @@ def apikey_create(
 @apikey_app.command("list")
 def apikey_list() -> None:
     """List keys (never secrets)."""
+    import psycopg
+
     from appliance.auth import list_keys
     from appliance.db.pool import admin_dsn
 
-    for k in list_keys(admin_dsn(_settings())):
+    with psycopg.connect(admin_dsn(_settings())) as conn:
+        keys = list_keys(conn)
+    for k in keys:
         state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
         typer.echo(f"{k.id}  {k.prefix}  {k.name:20}  {','.join(sorted(k.scopes)):28}  {state}")
 
@@ -190,12 +189,38 @@ def apikey_list() -> None:
 @apikey_app.command("revoke")
 def apikey_revoke(key: Annotated[str, typer.Argument(help="Key id or prefix.")]) -> None:
     """Revoke a key; every API process stops accepting it within a second."""
+    import psycopg
+
+    from appliance.audit import AuditEvent
+    from appliance.audit.cli_support import cli_actor
+    from appliance.audit.log import record_event
     from appliance.auth import revoke_key
     from appliance.db.pool import admin_dsn
 
-    if not revoke_key(admin_dsn(_settings()), key):
+    with psycopg.connect(admin_dsn(_settings())) as conn:
+        revoked = revoke_key(conn, key)
+        if revoked is not None:
+            record_event(conn, AuditEvent(action="apikey.revoke", actor=cli_actor(), object_id=str(revoked)))
+    if revoked is None:
         _fail(f"no active key {key!r}")
     typer.echo(f"revoked {key}")
+
+
+def _create_key_audited(name: str, scopes: list[str]):  # type: ignore[no-untyped-def]
+    """Create a key and its audit record in one transaction."""
+    import psycopg
+
+    from appliance.audit import AuditEvent
+    from appliance.audit.cli_support import cli_actor
+    from appliance.audit.log import record_event
+    from appliance.auth import create_key
+    from appliance.db.pool import admin_dsn
+
+    with psycopg.connect(admin_dsn(_settings())) as conn:
+        key, token = create_key(conn, name, scopes)
+        record_event(conn, AuditEvent(action="apikey.create", actor=cli_actor(), object_id=str(key.id),
+                                      details={"scopes": sorted(scopes), "name": name}))
+    return key, token
 
 
 # Command groups living beside their feature: appliance/commands/<name>.py exposes a Typer ``app``.

@@ -77,6 +77,27 @@ class Settings(BaseSettings):
     s3_backup_bucket: str = "appliance-backups"
     s3_timeout: float = Field(default=5.0, gt=0)
 
+    # --- media ---
+    media_max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    media_max_clip_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    media_max_image_pixels: int = Field(default=50_000_000, gt=0)
+    media_part_size: int = Field(default=5 * 1024 * 1024, ge=5 * 1024 * 1024)
+    media_retention_image_days: float | None = Field(default=30.0, gt=0)
+    media_retention_clip_days: float | None = Field(default=7.0, gt=0)
+    media_retention_enrolment_days: float | None = Field(default=None, gt=0)
+
+    # --- audit ---
+    audit_queue_size: int = Field(default=100_000, gt=0)
+    audit_batch_max: int = Field(default=5000, gt=0)
+    audit_flush_interval: float = Field(default=0.2, gt=0)
+    audit_block_seconds: float = 0.25
+    audit_tx_chains: int = Field(default=8, ge=1, le=8)
+    audit_match_actions: list[str] = Field(default_factory=lambda: ["match", "match.batch"])
+    audit_checkpoint_interval: float = Field(default=60.0, gt=0)
+    audit_partitions_ahead: int = Field(default=3, ge=1, le=24)
+    audit_match_retention_days: int = Field(default=90, gt=0)
+    audit_retention_days: int = Field(default=365, gt=0)
+
     # --- keys ---
     key_provider: Literal["vault", "local"] = "local"
     vault_addr: str = "http://127.0.0.1:8200"

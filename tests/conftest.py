@@ -76,10 +76,13 @@ def client(app):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def make_key(admin_dsn):  # type: ignore[no-untyped-def]
     """Create an API key with the given scopes; returns the bearer header dict."""
+    import psycopg
+
     from appliance.auth import create_key
 
     def make(*scopes: str, name: str = "test") -> dict[str, str]:
-        _, token = create_key(admin_dsn, name, list(scopes))
+        with psycopg.connect(admin_dsn) as conn:
+            _, token = create_key(conn, name, list(scopes))
         return {"Authorization": f"Bearer {token}"}
 
     return make

@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         description="Sealed face templates, millisecond matching, audited access, provable erasure.",
     )
+    app.state.settings = settings  # features size their body limits from it in register()
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
     app.state.body_limits = {}  # path prefix -> max request bytes, set by features (e.g. media uploads)

@@ -11,6 +11,8 @@ from pydantic import BaseModel, Field
 
 from appliance import auth
 from appliance.api.deps import AdminKey, StateDep
+from appliance.audit import AuditEvent
+from appliance.audit.log import audit_log
 from appliance.auth import ApiKey, Scope
 from appliance.errors import NotFound
 
@@ -53,20 +55,28 @@ def whoami(key: Annotated[ApiKey, Depends(any_key)]) -> KeyInfo:
 
 @router.get("/apikeys", response_model=list[KeyInfo], summary="List API keys (never secrets)")
 def list_keys(_: AdminKey, state: StateDep) -> list[KeyInfo]:
-    return [KeyInfo.of(k) for k in auth.list_keys(state.pool)]
+    with state.pool.connection() as conn:
+        return [KeyInfo.of(k) for k in auth.list_keys(conn)]
 
 
 @router.post("/apikeys", response_model=KeyCreated, status_code=status.HTTP_201_CREATED,
              summary="Create an API key")
-def create_key(body: KeyCreate, _: AdminKey, state: StateDep) -> KeyCreated:
-    key, token = auth.create_key(state.pool, body.name, sorted({s.value for s in body.scopes}))
+def create_key(body: KeyCreate, caller: AdminKey, state: StateDep, request: Request) -> KeyCreated:
+    with state.pool.connection() as conn, conn.transaction():
+        key, token = auth.create_key(conn, body.name, sorted({s.value for s in body.scopes}))
+        audit_log(state).record(conn, AuditEvent(
+            action="apikey.create", actor=caller.actor, object_id=str(key.id),
+            request_id=request.state.request_id, details={"scopes": sorted(key.scopes), "name": key.name}))
     return KeyCreated(**KeyInfo.of(key).model_dump(), token=token)
 
 
 @router.delete("/apikeys/{key_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Revoke an API key")
-def revoke_key(key_id: uuid.UUID, _: AdminKey, state: StateDep) -> None:
-    if not auth.revoke_key(state.pool, str(key_id)):
-        raise NotFound(f"no active API key {key_id}")
+def revoke_key(key_id: uuid.UUID, caller: AdminKey, state: StateDep, request: Request) -> None:
+    with state.pool.connection() as conn, conn.transaction():
+        if auth.revoke_key(conn, str(key_id)) is None:
+            raise NotFound(f"no active API key {key_id}")
+        audit_log(state).record(conn, AuditEvent(action="apikey.revoke", actor=caller.actor,
+                                                 object_id=str(key_id), request_id=request.state.request_id))
 
 
 def register(app) -> None:  # type: ignore[no-untyped-def]

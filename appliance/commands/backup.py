@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 from typing import Annotated
 
 import typer
@@ -58,10 +57,7 @@ def restore(
     typer.echo(f"restored {restored}")
 
 
-def _audit(settings, action: str, key: str) -> None:  # type: ignore[no-untyped-def]
-    """Admin actions are audited; skipped silently only if the audit module is not installed."""
-    try:
-        from appliance.audit.cli_support import record_cli_event
-    except ImportError:
-        return
-    record_cli_event(settings, action=action, actor=f"cli:{getpass.getuser()}", object_id=key)
+def _audit(settings, action: str, object_id: str) -> None:  # type: ignore[no-untyped-def]
+    from appliance.audit.cli_support import record_cli_event
+
+    record_cli_event(settings, action=action, object_id=object_id)

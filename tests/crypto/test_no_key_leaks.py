@@ -109,7 +109,8 @@ def test_no_key_material_in_logs_or_errors_local(tmp_path: Path, caplog: pytest.
 
 def test_no_key_material_in_logs_or_errors_vault(vault_server: VaultServer, caplog: pytest.LogCaptureFixture) -> None:
     transcript, secrets = Transcript(), []
-    with caplog.at_level(logging.DEBUG):
+    # The app's logging setup (from other tests) quiets urllib3; this test wants its DEBUG lines too.
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="urllib3"):
         provider = isolated_vault_provider(vault_server)
         assert isinstance(provider, VaultTransitProvider)
         _exercise(provider, transcript, secrets)

@@ -1,0 +1,82 @@
+"""Audit trail over HTTP: the streamed, verifiable export for auditors (scope ``audit``).
+
+``register`` also owns the process's AuditLog lifecycle: started in a startup hook, drained and
+checkpointed in a shutdown hook.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from appliance.api.deps import AuditKey, StateDep
+from appliance.audit import AuditEvent
+from appliance.audit.export import ExportError, ExportFilter, export_lines
+from appliance.audit.log import audit_log
+from appliance.errors import BadRequest
+from appliance.logs import get_logger
+
+log = get_logger(__name__)
+router = APIRouter(prefix="/v1/audit", tags=["audit"])
+
+
+@router.get(
+    "/export",
+    summary="Export audit records with checkpoints and the public key (JSONL or CSV, streamed)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}},
+)
+def export(
+    request: Request,
+    key: AuditKey,
+    state: StateDep,
+    from_: Annotated[datetime | None, Query(alias="from", description="Inclusive start (ISO 8601)")] = None,
+    to: Annotated[datetime | None, Query(description="Exclusive end (ISO 8601)")] = None,
+    subject_id: str | None = None,
+    action: str | None = None,
+    format: Annotated[Literal["jsonl", "csv"], Query()] = "jsonl",
+) -> StreamingResponse:
+    try:
+        flt = ExportFilter.build(from_, to, subject_id, action)
+    except ExportError as exc:
+        raise BadRequest(str(exc)) from None
+    audit = audit_log(state)
+    with state.pool.connection() as conn:
+        audit.record(conn, AuditEvent("audit.export", key.actor, subject_id=flt.subject_id,
+                                      request_id=getattr(request.state, "request_id", None),
+                                      details={"filters": flt.describe(), "format": format}))
+    audit.flush(2.0)  # the export should include what was submitted up to now
+    lines = export_lines(state.pool, state.keys, flt, fmt=format)
+    media = "text/csv" if format == "csv" else "application/x-ndjson"
+    name = f"audit-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.{format}"
+    return StreamingResponse(lines, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@router.get("/public-key", summary="The Ed25519 public key (PEM) that signs checkpoints, exports and receipts",
+            response_class=PlainTextResponse)
+def public_key(_: AuditKey, state: StateDep) -> PlainTextResponse:
+    return PlainTextResponse(state.keys.public_key_pem().decode(), media_type="application/x-pem-file")
+
+
+def _start(state: Any) -> None:
+    audit = audit_log(state)
+    try:
+        audit.ensure_partitions(int(getattr(state.settings, "audit_partitions_ahead", 3)))
+    except Exception as exc:  # PostgreSQL may be down at start; the default partition catches rows meanwhile
+        log.warning("audit: could not ensure partitions", error=str(exc))
+    audit.start()
+
+
+def _stop(state: Any) -> None:
+    audit = state.extras.get("audit")
+    if audit is not None:
+        audit.stop(checkpoint=True)
+
+
+def register(app) -> None:  # type: ignore[no-untyped-def]
+    app.include_router(router)
+    app.state.startup_hooks.append(_start)
+    app.state.shutdown_hooks.append(_stop)

@@ -1,0 +1,141 @@
+"""Enrolment endpoints: one subject's encodings (JSON or raw float32), and the resumable NDJSON bulk load."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Header, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance.api.deps import EnrollKey, StateDep
+from appliance.api.match import vector_errors
+from appliance.auth import Scope, require
+from appliance.bulk_enrolment import BulkEnrolment
+from appliance.enrolment import enrol
+from appliance.errors import BadRequest, Unprocessable, UnsupportedMediaType
+from vector.errors import UnknownModel
+from vector.templates import as_matrix, from_float32_bytes
+
+router = APIRouter(prefix="/v1", tags=["enrolment"])
+MAX_PER_REQUEST = 1000
+
+
+class EncodingsCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=100)
+    vectors: list[list[float]] = Field(min_length=1, max_length=MAX_PER_REQUEST,
+                                       description="Raw embeddings; normalised and sealed by the appliance.")
+
+
+class EncodingOut(BaseModel):
+    encoding_id: uuid.UUID
+    subject_id: uuid.UUID
+    model: str
+    template_version: int
+
+
+class EncodingsCreated(BaseModel):
+    encodings: list[EncodingOut]
+
+
+class BulkResult(BaseModel):
+    idempotency_key: str
+    state: str
+    lines_seen: int
+    lines_skipped: int = Field(description="Lines committed by an earlier attempt with this key.")
+    encodings_enrolled: int = Field(description="Encodings enrolled by this request.")
+    lines_done: int
+    encodings_total: int
+
+
+def _model_dim(state: Any, model: str) -> int:
+    spec = state.settings.models.get(model)
+    if spec is None:
+        raise UnknownModel(f"unknown model {model!r}; configured: {', '.join(sorted(state.settings.models))}")
+    return int(spec.dim)
+
+
+@router.post(
+    "/subjects/{subject_id}/encodings", response_model=EncodingsCreated, status_code=status.HTTP_201_CREATED,
+    summary="Enrol one or more embeddings of a subject",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": EncodingsCreate.model_json_schema()},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                "description": "n x dim float32 little-endian; ?model= required"}},
+    }}},
+)
+async def create_encodings(
+    subject_id: uuid.UUID, request: Request, key: EnrollKey, state: StateDep,
+    model: Annotated[str | None, Query(max_length=100, description="With a raw float32 body.")] = None,
+) -> EncodingsCreated:
+    body = await request.body()
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    with vector_errors():
+        if ctype == "application/octet-stream":
+            if not model:
+                raise Unprocessable("a raw float32 body needs ?model=")
+            vectors = from_float32_bytes(body, _model_dim(state, model))
+            if len(vectors) > MAX_PER_REQUEST:
+                raise Unprocessable(f"at most {MAX_PER_REQUEST} vectors per request")
+        elif ctype == "application/json":
+            try:
+                req = EncodingsCreate.model_validate_json(body)
+            except ValidationError as exc:
+                errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:20]]
+                raise Unprocessable("the request did not validate", errors=errors) from None
+            model = req.model
+            vectors = as_matrix(req.vectors, _model_dim(state, model))
+        else:
+            raise UnsupportedMediaType("send application/json or application/octet-stream (float32 LE)")
+    rid = getattr(request.state, "request_id", None)
+    enrolled = await run_in_threadpool(enrol, state, subject_id, model, vectors, key.actor, rid)
+    return EncodingsCreated(encodings=[EncodingOut(encoding_id=e.encoding_id, subject_id=e.subject_id, model=e.model,
+                                                   template_version=e.template_version) for e in enrolled])
+
+
+@router.post(
+    "/encodings:bulk", response_model=BulkResult, summary="Bulk enrolment from NDJSON, resumable by Idempotency-Key",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/x-ndjson": {"schema": {
+        "type": "string",
+        "description": 'one JSON object a line: {"subject_id"|"external_ref", "model", "vector"}'}}}}},
+)
+async def bulk_encodings(
+    request: Request, state: StateDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> BulkResult:
+    key = state.api_keys.authenticate(request.headers.get("authorization"))
+    require(key, Scope.ENROLL)
+    request.state.api_key = key
+    if not idempotency_key:
+        raise BadRequest("POST /v1/encodings:bulk needs an Idempotency-Key header (reuse it to resume)")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("application/x-ndjson", "application/jsonl", "application/json-seq", "text/plain"):
+        raise UnsupportedMediaType("send application/x-ndjson")
+    job = BulkEnrolment(state, idempotency_key, key.actor, getattr(request.state, "request_id", None),
+                        chunk_size=getattr(state.settings, "bulk_chunk_size", 1000))
+    await run_in_threadpool(job.begin)
+    committing: asyncio.Future[None] | None = None  # the previous chunk's commit, overlapping our parsing
+    rest = b""
+    try:
+        async for piece in request.stream():
+            rest += piece
+            *lines, rest = rest.split(b"\n")
+            for line in lines:
+                if job.add_line(line):
+                    if committing is not None:
+                        await committing
+                    committing = asyncio.ensure_future(run_in_threadpool(job.flush, job.take()))
+        job.add_line(rest)
+    finally:
+        if committing is not None:
+            await committing
+    return BulkResult(**await run_in_threadpool(job.finish))
+
+
+def register(app: FastAPI) -> None:
+    app.include_router(router)
+    app.state.body_limits["/v1/encodings:bulk"] = getattr(app.state, "bulk_max_body_bytes", 2 << 30)

@@ -1,0 +1,307 @@
+"""Media over HTTP (scope ``media``; ``admin`` implies it): upload, streamed decrypting reads with
+Range, thumbnails, paged metadata and delete. Every call is audited in the transaction that reads
+or changes the rows. The work happens in ``media.service.MediaService`` (``state.extras["media"]``).
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import APIRouter, FastAPI, Header, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from appliance import errors
+from appliance.api.deps import MediaKey, StateDep
+from appliance.api.problems import problem
+from appliance.api.state import AppState
+from appliance.audit import AuditEvent
+from appliance.audit.log import audit_log
+from appliance.auth import ApiKey
+from appliance.logs import get_logger
+from appliance.settings import Settings, get_settings
+from crypto.dek_cache import DekCache
+from media.errors import MediaError, StoreUnavailable
+from media.records import AuditHook, MediaRow
+from media.retention import Retention
+from media.service import Limits, MediaService, UploadMeta
+from media.store import MIN_PART_SIZE, MediaStore
+
+log = get_logger(__name__)
+router = APIRouter(prefix="/v1/media", tags=["media"])
+MULTIPART_SLACK = 1024 * 1024  # boundaries and form fields around the file part
+Kind = Literal["image", "clip", "enrolment"]
+
+
+class MediaInfo(BaseModel):
+    id: uuid.UUID
+    kind: str
+    content_type: str
+    size_bytes: int = Field(description="Size of the stored (metadata-free) plaintext")
+    sha256: str = Field(description="Hex SHA-256 of the stored plaintext; also the ETag of GET")
+    subject_id: uuid.UUID | None
+    camera_id: str | None
+    captured_at: datetime | None
+    expires_at: datetime | None = Field(description="When retention deletes it; null: kept until erasure")
+    width: int | None = None
+    height: int | None = None
+    thumbnails: list[int] = Field(default_factory=list, description="Available thumbnail sizes (px)")
+
+    @classmethod
+    def of(cls, row: MediaRow, thumbnails: list[int]) -> MediaInfo:
+        return cls(id=row.id, kind=row.kind, content_type=row.content_type, size_bytes=row.size_bytes,
+                   sha256=row.sha256.hex(), subject_id=row.subject_id, camera_id=row.camera_id,
+                   captured_at=row.captured_at, expires_at=row.expires_at, width=row.width, height=row.height,
+                   thumbnails=sorted(thumbnails))
+
+
+class MediaPage(BaseModel):
+    items: list[MediaInfo]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page")
+
+
+class _UploadFields(BaseModel):
+    subject_id: uuid.UUID | None = None
+    camera_id: str | None = Field(default=None, max_length=200)
+    captured_at: datetime | None = None
+    kind: Kind | None = None
+
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "description": "The image or clip as the raw body (streamed; preferred for clips), or a multipart form "
+        "with one file part and optional fields subject_id, camera_id, captured_at, kind.",
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary"}, "subject_id": {"type": "string"},
+                "camera_id": {"type": "string"}, "captured_at": {"type": "string"}, "kind": {"type": "string"}}}},
+        },
+    }
+}
+
+
+@router.post("", response_model=MediaInfo, status_code=status.HTTP_201_CREATED, openapi_extra=_UPLOAD_BODY,
+             summary="Upload an image or clip (validated, metadata stripped, sealed, thumbnailed)")
+async def upload_media(
+    request: Request,
+    key: MediaKey,
+    state: StateDep,
+    subject_id: uuid.UUID | None = None,
+    camera_id: Annotated[str | None, Query(max_length=200)] = None,
+    captured_at: datetime | None = None,
+    kind: Kind | None = None,
+) -> MediaInfo:
+    service = media_service(state)
+    audit = _auditor(state, key, request)
+    query = {"subject_id": subject_id, "camera_id": camera_id, "captured_at": captured_at, "kind": kind}
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=8)
+        try:
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            upload = next((v for v in form.values() if isinstance(v, UploadFile)), None)
+            if upload is None:
+                raise errors.BadRequest("the multipart form has no file part")
+            meta = _meta({**{k: v for k, v in query.items() if v is not None}, **fields})
+            rows = await anyio.to_thread.run_sync(service.upload, upload.file, meta, audit, upload.size)
+        finally:
+            await form.close()
+    else:
+        meta = _meta({k: v for k, v in query.items() if v is not None})
+        declared = request.headers.get("content-length")
+        length = int(declared) if declared and declared.isdigit() else None
+        # A body no larger than an image may be is read here at once (fewer thread hops); larger ones stream.
+        body: Any = io.BytesIO(await request.body()) if length is not None and length <= service.limits.image_bytes \
+            else _BodyReader(request)
+        rows = await anyio.to_thread.run_sync(service.upload, body, meta, audit, length)
+    return MediaInfo.of(rows[0], [r.thumb_size for r in rows[1:] if r.thumb_size])
+
+
+@router.get("", response_model=MediaPage, summary="List media metadata, paged by capture time")
+def list_media(
+    request: Request,
+    key: MediaKey,
+    state: StateDep,
+    subject_id: uuid.UUID | None = None,
+    camera_id: Annotated[str | None, Query(max_length=200)] = None,
+    from_: Annotated[datetime | None, Query(alias="from", description="Captured at or after (ISO 8601)")] = None,
+    to: Annotated[datetime | None, Query(description="Captured before (ISO 8601)")] = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> MediaPage:
+    rows, thumbs, next_cursor = media_service(state).list(
+        _auditor(state, key, request), subject_id=subject_id, camera_id=camera_id,
+        start=from_, end=to, cursor=cursor, limit=limit,
+    )
+    return MediaPage(items=[MediaInfo.of(r, thumbs.get(r.id, [])) for r in rows], next_cursor=next_cursor)
+
+
+_STREAM = {200: {"content": {"image/*": {}, "video/*": {}}}, 206: {"description": "Partial content (Range)"}}
+
+
+@router.get("/{media_id}", response_class=StreamingResponse, responses=_STREAM,  # type: ignore[dict-item]
+            summary="Download decrypted content (supports a single HTTP Range)")
+def download_media(
+    media_id: uuid.UUID,
+    request: Request,
+    key: MediaKey,
+    state: StateDep,
+    range_: Annotated[str | None, Header(alias="range")] = None,
+) -> StreamingResponse:
+    dl = media_service(state).download(media_id, range_, _auditor(state, key, request))
+    return StreamingResponse(dl.body, status_code=dl.status, media_type=dl.row.content_type, headers=dl.headers)
+
+
+@router.get("/{media_id}/thumbnail", response_class=StreamingResponse,
+            responses={200: {"content": {"image/webp": {}}}}, summary="Download a WebP thumbnail")
+def download_thumbnail(
+    media_id: uuid.UUID,
+    request: Request,
+    key: MediaKey,
+    state: StateDep,
+    size: Annotated[int, Query(description="Longest side in pixels: 128 or 256")] = 256,
+) -> StreamingResponse:
+    dl = media_service(state).thumbnail(media_id, size, _auditor(state, key, request))
+    return StreamingResponse(dl.body, status_code=dl.status, media_type=dl.row.content_type, headers=dl.headers)
+
+
+@router.delete("/{media_id}", status_code=status.HTTP_204_NO_CONTENT,
+               summary="Delete media, its thumbnails and every stored object version")
+def delete_media(media_id: uuid.UUID, request: Request, key: MediaKey, state: StateDep) -> Response:
+    media_service(state).delete(media_id, _auditor(state, key, request))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# --- wiring ------------------------------------------------------------------------------------
+def media_limits(settings: Settings) -> Limits:
+    d = Limits()
+    return Limits(
+        image_bytes=int(getattr(settings, "media_max_image_bytes", d.image_bytes)),
+        clip_bytes=int(getattr(settings, "media_max_clip_bytes", d.clip_bytes)),
+        image_pixels=int(getattr(settings, "media_max_image_pixels", d.image_pixels)),
+    )
+
+
+def media_retention(settings: Settings) -> Retention:
+    d = Retention()
+    return Retention(
+        image_days=getattr(settings, "media_retention_image_days", d.image_days),
+        clip_days=getattr(settings, "media_retention_clip_days", d.clip_days),
+        enrolment_days=getattr(settings, "media_retention_enrolment_days", d.enrolment_days),
+    )
+
+
+def build_service(state: AppState) -> MediaService:
+    s = state.settings
+    store = MediaStore(state.s3, s.s3_bucket, int(getattr(s, "media_part_size", MIN_PART_SIZE)))
+    return MediaService(store, state.pool, state, media_limits(s), media_retention(s),
+                        DekCache(s.dek_cache_size, s.dek_cache_ttl))
+
+
+def media_service(state: AppState) -> MediaService:
+    found = state.extras.get("media")
+    if found is None:
+        found = state.extras["media"] = build_service(state)
+    return found  # type: ignore[no-any-return]
+
+
+def _start(state: AppState) -> None:
+    """Create the versioned bucket now if S3 answers; otherwise the first upload retries it."""
+    service = media_service(state)
+    try:
+        service.ensure_bucket()
+    except StoreUnavailable as exc:
+        log.warning("media_bucket_not_ready", error=str(exc))
+
+
+def _stop(state: AppState) -> None:
+    service = state.extras.get("media")
+    if service is not None:
+        service.close()
+
+
+def _auditor(state: AppState, key: ApiKey, request: Request) -> AuditHook:
+    trail = audit_log(state)
+    request_id = getattr(request.state, "request_id", None)
+
+    def record(conn: Any, action: str, subject_id: uuid.UUID | None, object_id: str | None,
+               details: dict[str, Any]) -> None:
+        trail.record(conn, AuditEvent(action=action, actor=key.actor, subject_id=subject_id, object_id=object_id,
+                                      request_id=request_id, details=details))
+
+    return record
+
+
+def _meta(values: dict[str, Any]) -> UploadMeta:
+    try:
+        parsed = _UploadFields.model_validate(values)
+    except ValidationError as exc:
+        raise errors.Unprocessable(
+            "upload fields did not validate",
+            errors=[{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:10]],
+        ) from None
+    captured = parsed.captured_at
+    if captured is not None and captured.tzinfo is None:
+        captured = captured.replace(tzinfo=UTC)  # naive timestamps from cameras are taken as UTC
+    return UploadMeta(parsed.subject_id, parsed.camera_id, captured, parsed.kind)
+
+
+class _BodyReader:
+    """Blocking ``read(n)`` over the ASGI body for the worker thread that seals and uploads as bytes arrive."""
+
+    def __init__(self, request: Request) -> None:
+        self._chunks = request.stream().__aiter__()
+        self._buf = b""
+        self._eof = False
+
+    async def _next(self) -> bytes | None:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._buf and not self._eof:
+            chunk = anyio.from_thread.run(self._next)
+            if chunk is None:
+                self._eof = True
+            else:
+                self._buf = chunk
+        if n < 0 or n >= len(self._buf):
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+
+_STATUS_ERRORS = {cls.status: cls for cls in (
+    errors.NotFound, errors.Conflict, errors.Gone, errors.PayloadTooLarge, errors.UnsupportedMediaType,
+    errors.Unprocessable, errors.DependencyUnavailable,
+)}
+
+
+async def _media_problem(request: Request, exc: Exception) -> Response:
+    """Map ``media.errors`` onto the appliance's problem types (same titles and slugs as appliance.errors)."""
+    code = getattr(exc, "status", 500)
+    if code == 416:
+        return problem(416, "Range not satisfiable", str(exc), "range-not-satisfiable", request)
+    cls = _STATUS_ERRORS.get(code)
+    if cls is None:
+        log.error("media_error", error=type(exc).__name__, detail=str(exc))
+        return problem(500, "Internal error", "media could not be processed; see the request id in logs",
+                       "internal", request)
+    return problem(cls.status, cls.title, str(exc), cls.type_slug, request)
+
+
+def register(app: FastAPI) -> None:
+    settings = getattr(app.state, "settings", None) or get_settings()
+    app.include_router(router)
+    app.add_exception_handler(MediaError, _media_problem)
+    app.state.startup_hooks.append(_start)
+    app.state.shutdown_hooks.append(_stop)
+    app.state.body_limits["/v1/media"] = media_limits(settings).largest + MULTIPART_SLACK

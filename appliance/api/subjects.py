@@ -1,0 +1,152 @@
+"""Subjects: create, read, list, relabel. The display label is PII, sealed with the subject's DEK.
+
+Responses never carry vectors; every read or write of a subject is audited in its transaction.
+Erasure (``DELETE``) and export live with the GDPR feature.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+import psycopg
+from fastapi import APIRouter, FastAPI, Query, Request, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.api.deps import EnrollKey, StateDep
+from appliance.audit import AuditEvent
+from appliance.enrolment import label_aad
+from appliance.errors import Conflict, Gone, NotFound
+from crypto.seal import open_sealed, seal
+
+router = APIRouter(prefix="/v1", tags=["subjects"])
+
+
+class SubjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    external_ref: str | None = Field(default=None, min_length=1, max_length=200,
+                                     description="Your own id for this person (unique).")
+    label: str | None = Field(default=None, max_length=200, description="Display name; stored sealed.")
+
+
+class SubjectPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | None = Field(max_length=200, description="New display label; null clears it.")
+
+
+class Subject(BaseModel):
+    id: uuid.UUID
+    external_ref: str | None
+    label: str | None = Field(description="Null when unset, or when the subject is erased.")
+    state: str
+    encoding_count: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class SubjectPage(BaseModel):
+    items: list[Subject]
+    next_after: uuid.UUID | None = Field(description="Pass as `after` for the next page; null at the end.")
+
+
+def _audit(state: Any, conn: psycopg.Connection, action: str, request: Request, subject_id: uuid.UUID | None,
+           **details: Any) -> None:
+    from appliance.audit.log import audit_log
+
+    audit_log(state).record(conn, AuditEvent(
+        action, request.state.api_key.actor, subject_id=subject_id,
+        request_id=getattr(request.state, "request_id", None), details=details,
+    ))
+
+
+_SELECT = """SELECT s.id, s.external_ref, s.label_sealed, s.state, s.created_at, s.updated_at,
+                    (SELECT count(*) FROM encodings e WHERE e.subject_id = s.id)
+             FROM subjects s"""
+
+
+def _subject(state: Any, conn: psycopg.Connection, row: tuple[Any, ...], with_label: bool) -> Subject:
+    label = None
+    if with_label and row[2] is not None and row[3] != "erased":
+        key = state.subject_keys.get(conn, row[0])
+        label = open_sealed(key.dek, bytes(row[2]), label_aad(row[0])).decode()
+    return Subject(id=row[0], external_ref=row[1], label=label, state=row[3], encoding_count=row[6],
+                   created_at=row[4], updated_at=row[5])
+
+
+@router.post("/subjects", response_model=Subject, status_code=status.HTTP_201_CREATED, summary="Create a subject")
+def create_subject(body: SubjectCreate, request: Request, _: EnrollKey, state: StateDep) -> Subject:
+    sid = uuid.uuid4()
+    with state.pool.connection() as conn, conn.transaction():
+        row = conn.execute(
+            "INSERT INTO subjects (id, external_ref) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING id",
+            (sid, body.external_ref),
+        ).fetchone()
+        if row is None:
+            raise Conflict("a subject with this external_ref already exists")
+        if body.label is not None:
+            key = state.subject_keys.get_or_create(conn, sid)
+            conn.execute("UPDATE subjects SET label_sealed = %s WHERE id = %s",
+                         (seal(key.dek, body.label.encode(), label_aad(sid)), sid))
+        _audit(state, conn, "subject.create", request, sid, external_ref=body.external_ref is not None)
+        found = conn.execute(_SELECT + " WHERE s.id = %s", (sid,)).fetchone()
+        return _subject(state, conn, found, with_label=True)
+
+
+@router.get("/subjects/{subject_id}", response_model=Subject, summary="A subject's metadata (never vectors)")
+def get_subject(subject_id: uuid.UUID, request: Request, _: EnrollKey, state: StateDep) -> Subject:
+    with state.pool.connection() as conn, conn.transaction():
+        row = conn.execute(_SELECT + " WHERE s.id = %s", (subject_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no subject {subject_id}")
+        _audit(state, conn, "subject.read", request, subject_id)
+        return _subject(state, conn, row, with_label=True)
+
+
+@router.get("/subjects", response_model=SubjectPage, summary="List subjects (paged by id; labels omitted)")
+def list_subjects(
+    request: Request, _: EnrollKey, state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    after: Annotated[uuid.UUID | None, Query(description="Last id of the previous page.")] = None,
+    external_ref: Annotated[str | None, Query(max_length=200)] = None,
+) -> SubjectPage:
+    clauses, params = [], []
+    if after is not None:
+        clauses.append("s.id > %s")
+        params.append(after)
+    if external_ref is not None:
+        clauses.append("s.external_ref = %s")
+        params.append(external_ref)
+    where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    with state.pool.connection() as conn, conn.transaction():
+        rows = conn.execute(_SELECT + where + " ORDER BY s.id LIMIT %s", (*params, limit + 1)).fetchall()
+        _audit(state, conn, "subject.list", request, None, count=min(len(rows), limit))
+        items = [_subject(state, conn, r, with_label=False) for r in rows[:limit]]
+    return SubjectPage(items=items, next_after=items[-1].id if len(rows) > limit else None)
+
+
+@router.patch("/subjects/{subject_id}", response_model=Subject, summary="Change the display label")
+def patch_subject(subject_id: uuid.UUID, body: SubjectPatch, request: Request, _: EnrollKey,
+                  state: StateDep) -> Subject:
+    with state.pool.connection() as conn, conn.transaction():
+        row = conn.execute("SELECT state FROM subjects WHERE id = %s FOR UPDATE", (subject_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no subject {subject_id}")
+        if row[0] == "erased":
+            raise Gone(f"subject {subject_id} has been erased")
+        if row[0] != "active":
+            raise Conflict(f"subject {subject_id} is being erased")
+        sealed = None
+        if body.label is not None:
+            key = state.subject_keys.get_or_create(conn, subject_id)
+            sealed = seal(key.dek, body.label.encode(), label_aad(subject_id))
+        conn.execute("UPDATE subjects SET label_sealed = %s, updated_at = now() WHERE id = %s", (sealed, subject_id))
+        _audit(state, conn, "subject.update", request, subject_id, label_set=body.label is not None)
+        found = conn.execute(_SELECT + " WHERE s.id = %s", (subject_id,)).fetchone()
+        return _subject(state, conn, found, with_label=True)
+
+
+def register(app: FastAPI) -> None:
+    app.include_router(router)

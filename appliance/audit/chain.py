@@ -1,0 +1,294 @@
+"""The record format and hash chain, shared by the writer, the exporter and the offline verifier.
+
+A record's hash covers a small *header* that embeds a digest of its *body*:
+
+    body   = {actor, subject_id, object_id, request_id, details}
+    header = {v, chain, seq, ts, class, action, outcome, subj = SHA-256(subject_id), body = SHA-256(body), prev}
+    hash   = SHA-256(canonical JSON of header)
+
+so a filtered export can replace a record it leaves out by its header alone (a *stub*): the chain
+still verifies, the stub proves the omitted record did not match the filter, and it reveals no
+actor, object or details of anyone else. Canonical JSON: keys sorted, no spaces, UTF-8.
+
+Invariants (kept by ``appliance.audit.log``): within one chain ``seq`` runs 1, 2, 3, … without gaps,
+``prev`` is the previous record's hash (32 zero bytes before seq 1), and ``ts`` never decreases
+with ``seq`` — so a time window or a dropped monthly partition cuts each chain into whole segments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import uuid
+from datetime import UTC, datetime
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from typing import Any
+
+from appliance.audit import AuditEvent
+
+FORMAT_VERSION = 1
+ZERO_HASH = bytes(32)
+MATCH_CLASS, AUDIT_CLASS = "match", "audit"
+DEFAULT_MATCH_ACTIONS = frozenset({"match", "match.batch"})
+MAX_DETAILS_BYTES = 4096
+MAX_STRING = 1024
+VECTOR_LIKE_LEN = 16  # a list of this many numbers or more is treated as a vector and stripped
+
+# Detail keys that name secrets or biometric vectors; their values never reach the log.
+_SENSITIVE_KEY = re.compile(
+    r"(^|[_.-])(vectors?|embeddings?|templates?|raw|tokens?|secrets?|passwords?|passwd|deks?|keks?|seeds?|"
+    r"wrapped|authorization|bearer|private|apikey|api_key|key|signing_key|credentials?)($|[_.-])",
+    re.IGNORECASE,
+)
+_SAFE_KEYS = frozenset({"key_id", "key_ids", "object_key", "object_keys", "kek_version", "key_version", "api_key_id"})
+_TOKEN_VALUE = re.compile(r"(apl_[0-9a-f]{6,}_\S+|hvs\.\S+|s\.[A-Za-z0-9]{20,}|Bearer\s+\S+)")
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one serialisation every hash and signature in the audit trail is computed over."""
+    return _ENCODER.encode(obj).encode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def ts_text(ts: datetime) -> str:
+    """UTC, microsecond precision: exactly what PostgreSQL timestamptz stores and returns."""
+    if ts.tzinfo is UTC:
+        return ts.isoformat(timespec="microseconds")
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def subject_digest(subject_id: uuid.UUID | str | None) -> str | None:
+    return None if subject_id is None else sha256_hex(str(subject_id).lower().encode())
+
+
+def action_class(action: str, match_actions: frozenset[str] = DEFAULT_MATCH_ACTIONS) -> str:
+    """Match events live in their own chains and partitions: they are kept for a shorter time."""
+    return MATCH_CLASS if action in match_actions else AUDIT_CLASS
+
+
+# --- details: small, JSON-round-trip safe, never sensitive ---------------------------------------------
+
+
+def sanitize_details(details: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Return details safe to store and hash, and the keys removed. Values must survive jsonb unchanged."""
+    if not details:
+        return {}, []
+    if _is_plain(details):
+        return details, []
+    removed: list[str] = []
+    clean = _clean(details, "", removed, 0)
+    if not isinstance(clean, dict):
+        clean = {}
+    if removed:
+        clean["_redacted"] = sorted(set(removed))[:20]
+    size = len(canonical_json(clean))
+    if size > MAX_DETAILS_BYTES:
+        removed.append("*")
+        clean = {"_truncated": size}
+    return clean, removed
+
+
+_KEY_OK: dict[str, bool] = {}
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _key_ok(key: Any) -> bool:
+    """Cached: is this a str key that is not sensitive? (detail keys repeat, so this stays small)."""
+    ok = _KEY_OK.get(key) if type(key) is str else False
+    if ok is None:
+        ok = "\x00" not in key and len(key) <= 100 and (key.lower() in _SAFE_KEYS or not _SENSITIVE_KEY.search(key))
+        if len(_KEY_OK) < 10_000:
+            _KEY_OK[key] = ok
+    return bool(ok)
+
+
+def _is_plain(details: dict[str, Any]) -> bool:
+    """The common case: flat, short, harmless values under harmless keys, which need no copy."""
+    if len(details) > 16:
+        return False
+    for k, v in details.items():
+        t = type(v)
+        if not _key_ok(k) or t not in _PLAIN:
+            return False
+        if t is str and (len(v) > 200 or "\x00" in v or _TOKEN_VALUE.search(v)):
+            return False
+        if t is float and (not math.isfinite(v) or v == 0 or abs(v) >= 1e15):
+            return False
+    return True
+
+
+def _clean(value: Any, path: str, removed: list[str], depth: int) -> Any:
+    if depth > 4:
+        removed.append(path or "*")
+        return None
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            key = str(k).replace("\x00", "")[:100]
+            sub = f"{path}.{key}" if path else key
+            if key.lower() not in _SAFE_KEYS and _SENSITIVE_KEY.search(key):
+                removed.append(sub)
+                continue
+            cleaned = _clean(v, sub, removed, depth + 1)
+            if cleaned is not _DROP:
+                out[key] = cleaned
+        return out
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else list(value)
+        if len(items) >= VECTOR_LIKE_LEN and all(isinstance(i, int | float) for i in items):
+            removed.append(path or "*")
+            return _DROP
+        return [c for c in (_clean(i, path, removed, depth + 1) for i in items[:100]) if c is not _DROP]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        if value == 0:
+            return 0.0  # jsonb has no negative zero
+        return value if abs(value) < 1e15 else repr(value)  # jsonb would print huge floats as integers
+    if isinstance(value, bytes | bytearray | memoryview):
+        removed.append(path or "*")  # raw bytes are keys, blobs or vectors: never logged
+        return _DROP
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    text = text.replace("\x00", "")
+    if _TOKEN_VALUE.search(text):
+        removed.append(path or "*")
+        return _DROP
+    return text[:MAX_STRING]
+
+
+_DROP = object()
+
+
+# --- records --------------------------------------------------------------------------------------------
+
+
+def body_of(rec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "actor": rec["actor"],
+        "subject_id": rec["subject_id"],
+        "object_id": rec["object_id"],
+        "request_id": rec["request_id"],
+        "details": rec["details"],
+    }
+
+
+def header_of(rec: dict[str, Any]) -> dict[str, Any]:
+    """The hashed header of a full record (``rec`` as exported: strings and hex)."""
+    return {
+        "v": FORMAT_VERSION,
+        "chain": rec["chain"],
+        "seq": rec["seq"],
+        "ts": rec["ts"],
+        "class": rec["class"],
+        "action": rec["action"],
+        "outcome": rec["outcome"],
+        "subj": subject_digest(rec["subject_id"]),
+        "body": sha256_hex(canonical_json(body_of(rec))),
+        "prev": rec["prev_hash"],
+    }
+
+
+def header_hash(header: dict[str, Any]) -> bytes:
+    return hashlib.sha256(canonical_json(header)).digest()
+
+
+def record_dict(
+    event: AuditEvent, chain: str, seq: int, ts: datetime, cls: str, details: dict[str, Any], prev: bytes
+) -> dict[str, Any]:
+    """The exported (and hashed) form of a new record; ``hash`` is filled in here."""
+    return build_record(event, chain, seq, ts, cls, details, prev)[0]
+
+
+def build_record(
+    event: AuditEvent, chain: str, seq: int, ts: datetime, cls: str, details: dict[str, Any], prev: bytes
+) -> tuple[dict[str, Any], str]:
+    """A new record and its details' canonical JSON, hashed with one general JSON encode (hot path).
+
+    The body and header are formatted by hand in canonical key order; tests prove the bytes equal
+    ``canonical_json(header_of(rec))``, which is what the verifier computes.
+    """
+    subject = None if event.subject_id is None else str(event.subject_id)
+    rec: dict[str, Any] = {
+        "chain": chain,
+        "seq": seq,
+        "ts": ts_text(ts),
+        "class": cls,
+        "actor": str(event.actor)[:200].replace("\x00", ""),
+        "action": str(event.action)[:100].replace("\x00", ""),
+        "subject_id": subject,
+        "object_id": None if event.object_id is None else str(event.object_id)[:MAX_STRING].replace("\x00", ""),
+        "outcome": str(event.outcome)[:40].replace("\x00", ""),
+        "request_id": None if event.request_id is None else str(event.request_id)[:100].replace("\x00", ""),
+        "details": details,
+        "prev_hash": prev.hex(),
+    }
+    details_json = _ENCODER.encode(details)
+    body = (f'{{"actor":{_js(rec["actor"])},"details":{details_json},"object_id":{_js(rec["object_id"])},'
+            f'"request_id":{_js(rec["request_id"])},"subject_id":{_js(subject)}}}')
+    subj = subject_digest(subject)
+    header = (f'{{"action":{_js(rec["action"])},"body":"{sha256_hex(body.encode())}","chain":{_js(chain)},'
+              f'"class":{_js(cls)},"outcome":{_js(rec["outcome"])},"prev":"{rec["prev_hash"]}","seq":{int(seq)},'
+              f'"subj":{"null" if subj is None else _js(subj)},"ts":"{rec["ts"]}","v":{FORMAT_VERSION}}}')
+    rec["hash"] = hashlib.sha256(header.encode()).hexdigest()
+    return rec, details_json
+
+
+def _js(value: str | None) -> str:
+    return "null" if value is None else encode_basestring(value)
+
+
+def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A database row of audit_log in the exported form (the verifier recomputes ``hash`` from it)."""
+    return {
+        "chain": row["chain"],
+        "seq": int(row["seq"]),
+        "ts": ts_text(row["ts"]),
+        "class": row["class"],
+        "actor": row["actor"],
+        "action": row["action"],
+        "subject_id": None if row["subject_id"] is None else str(row["subject_id"]),
+        "object_id": row["object_id"],
+        "outcome": row["outcome"],
+        "request_id": row["request_id"],
+        "details": row["details"],
+        "prev_hash": bytes(row["prev_hash"]).hex(),
+        "hash": bytes(row["hash"]).hex(),
+    }
+
+
+def stub_of(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record replaced by its header: enough to keep the chain checkable, nothing about its body."""
+    return {**header_of(rec), "hash": rec["hash"]}
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+
+def checkpoint_message(cp: dict[str, Any]) -> bytes:
+    """What a checkpoint signature covers (``cp`` as exported: hex hash, ISO time)."""
+    return canonical_json(
+        {
+            "type": "appliance-audit-checkpoint",
+            "v": FORMAT_VERSION,
+            "chain": cp["chain"],
+            "seq": cp["seq"],
+            "head_hash": cp["head_hash"],
+            "count": cp["count"],
+            "ts": cp["ts"],
+            "kind": cp["kind"],
+        }
+    )

@@ -1,0 +1,439 @@
+"""Appending to the audit trail: in the caller's transaction, or through a queue and a COPY writer.
+
+Two kinds of chain (each a gap-free ``seq`` with ``prev`` hashes; see ``appliance.audit.chain``):
+
+- **Writer chains** ``w:<host>:<pid>:<nonce>:<class>`` — one per ``AuditLog`` instance and class, owned
+  by its single writer thread. ``submit`` only enqueues, so the match path never waits on disk or on
+  another process. The head lives in memory and in ``audit_heads``, updated in the same transaction
+  as the COPY of each batch. A crash loses what was still queued (at most one batch window plus the
+  queue), never a record that was committed; the next process starts a new chain.
+- **Transaction chains** ``tx:<class>:<n>`` — shared by every process. ``record`` locks one head row
+  ``FOR UPDATE`` (``SKIP LOCKED`` picks a free chain, so up to n transactions append concurrently),
+  inserts the record and moves the head inside the caller's transaction. Invariant: a record with
+  ``seq = k`` is inserted only by the transaction holding the head row at ``seq = k - 1``; a rollback
+  releases the lock and undoes both, so chains never fork or gap (under REPEATABLE READ a concurrent
+  head move is a serialization failure, not a fork).
+
+Every new writer chain is announced by an ``audit.chain.start`` record on a transaction chain, so
+removing a whole writer chain from the database is visible too.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from psycopg import Connection, pq
+
+from appliance.audit import AuditEvent
+from appliance.audit.chain import (
+    AUDIT_CLASS,
+    DEFAULT_MATCH_ACTIONS,
+    MATCH_CLASS,
+    ZERO_HASH,
+    action_class,
+    build_record,
+    sanitize_details,
+)
+from appliance.logs import get_logger
+
+if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
+
+    from crypto.providers.base import KeyProvider
+
+log = get_logger(__name__)
+
+EVENTS = Counter("appliance_audit_events_total", "Audit records written", ["path"])
+QUEUE_DEPTH = Gauge("appliance_audit_queue_depth", "Audit events waiting for the batch writer")
+BACKPRESSURE = Counter("appliance_audit_backpressure_total", "submit() calls that found the queue full and waited")
+DROPPED = Counter("appliance_audit_dropped_total", "Audit events lost: queue still full after waiting, or shutdown")
+REDACTED = Counter("appliance_audit_redacted_total", "Audit events whose details had sensitive keys removed")
+WRITE_ERRORS = Counter("appliance_audit_write_errors_total", "Failed batch writes (retried)")
+BATCH_SECONDS = Histogram(
+    "appliance_audit_batch_seconds", "Time to COPY one batch", buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2)
+)
+
+_COLUMNS = "ts, chain, seq, class, actor, action, subject_id, object_id, outcome, request_id, details, prev_hash, hash"
+_STOP = object()  # ends the copier thread
+# The writer threads share the GIL with the match path: they yield it this often (≈ 0.5 ms of work)
+# so a waiting request thread runs at once instead of after CPython's 5 ms switch interval.
+YIELD_EVERY = 16
+
+
+def _row(rec: dict[str, Any], ts: datetime, details_json: str) -> tuple[Any, ...]:
+    return (
+        ts, rec["chain"], rec["seq"], rec["class"], rec["actor"], rec["action"], rec["subject_id"],
+        rec["object_id"], rec["outcome"], rec["request_id"], details_json,
+        bytes.fromhex(rec["prev_hash"]), bytes.fromhex(rec["hash"]),
+    )  # fmt: skip
+
+
+def _clean_details(event: AuditEvent) -> dict[str, Any]:
+    details, removed = sanitize_details(event.details or {})
+    if removed:
+        REDACTED.inc()
+        log.warning("audit: sensitive or oversized details removed", action=event.action, keys=removed[:10])
+    return details
+
+
+def _event_ts(event: AuditEvent) -> datetime:
+    ts = event.ts
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+
+
+def record_event(
+    conn: Connection[Any],
+    event: AuditEvent,
+    tx_chains: int = 8,
+    match_actions: frozenset[str] = DEFAULT_MATCH_ACTIONS,
+) -> dict[str, Any]:
+    """Append ``event`` to a transaction chain inside ``conn``'s current transaction; returns the record."""
+    if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+        with conn.transaction():
+            return record_event(conn, event, tx_chains, match_actions)
+    cls = action_class(event.action, match_actions)
+    names = [f"tx:{cls}:{i}" for i in range(tx_chains)]
+    random.shuffle(names)
+    row = conn.execute(
+        "SELECT chain, seq, hash, ts FROM audit_heads WHERE chain = ANY(%s) LIMIT 1 FOR UPDATE SKIP LOCKED",
+        (names,),
+    ).fetchone()
+    if row is None:  # every chain is held by another transaction: wait for one
+        row = conn.execute(
+            "SELECT chain, seq, hash, ts FROM audit_heads WHERE chain = %s FOR UPDATE", (names[0],)
+        ).fetchone()
+        if row is None:
+            raise RuntimeError(f"audit chain {names[0]} has no head row; is migration 0004 applied?")
+    chain, seq, head, head_ts = row
+    ts = max(_event_ts(event), head_ts)  # ts never decreases along a chain
+    rec, details_json = build_record(event, chain, seq + 1, ts, cls, _clean_details(event), bytes(head))
+    conn.execute(
+        f"""WITH moved AS (UPDATE audit_heads SET seq = %s, hash = %s, ts = %s, updated_at = now() WHERE chain = %s)
+            INSERT INTO audit_log ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",  # noqa: S608
+        (rec["seq"], bytes.fromhex(rec["hash"]), ts, chain, *_row(rec, ts, details_json)),
+    )
+    EVENTS.labels("tx").inc()
+    return rec
+
+
+class _Flush:
+    """A marker in the queue: ``done`` is set once everything queued before it is committed."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class _WriterChain:
+    """In-memory head of one writer chain; touched only by the writer thread."""
+
+    def __init__(self, name: str, cls: str) -> None:
+        self.name, self.cls = name, cls
+        self.seq, self.hash, self.ts = 0, ZERO_HASH, datetime.min.replace(tzinfo=UTC)
+        self.announced = False
+
+
+class AuditLog:
+    """The process's audit trail: ``record`` (in-transaction) and ``submit`` (queued, batched COPY)."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        keys: Callable[[], KeyProvider] | None = None,
+        *,
+        queue_size: int = 100_000,
+        batch_max: int = 5_000,
+        flush_interval: float = 0.2,
+        block_seconds: float = 0.25,
+        tx_chains: int = 8,
+        match_actions: frozenset[str] = DEFAULT_MATCH_ACTIONS,
+        checkpoint_interval: float = 60.0,
+    ) -> None:
+        self.pool = pool
+        self.keys = keys
+        self.batch_max = batch_max
+        self.flush_interval = flush_interval
+        self.block_seconds = block_seconds
+        self.tx_chains = tx_chains
+        self.match_actions = frozenset(match_actions)
+        self.checkpoint_interval = checkpoint_interval
+        self.chain_base = f"w:{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.chains = {c: _WriterChain(f"{self.chain_base}:{c}", c) for c in (AUDIT_CLASS, MATCH_CLASS)}
+        # A deque, not queue.Queue: append/popleft are atomic without a lock, so submit costs ~0.1 µs on
+        # the match path; the bound is checked by len() (approximate under races, which is fine).
+        self._queue: deque[AuditEvent | _Flush] = deque()
+        self.queue_size = queue_size
+        self._wake = threading.Event()
+        self._batches: queue.Queue[Any] = queue.Queue(maxsize=2)  # hashed batches waiting for the copier
+        self._writer: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._start_lock = threading.Lock()
+
+    # --- in the caller's transaction -----------------------------------------------------------
+
+    def record(self, conn: Connection[Any], event: AuditEvent) -> None:
+        """Append inside ``conn``'s transaction: the caller's write and this record commit together."""
+        record_event(conn, event, self.tx_chains, self.match_actions)
+
+    # --- queued ------------------------------------------------------------------------------------
+
+    def submit(self, event: AuditEvent) -> None:
+        """Enqueue without touching the database; when the queue is full, wait briefly (counted)."""
+        if self._stop.is_set():  # after shutdown began (a late hook): write it directly, slowly but surely
+            with self.pool.connection() as conn:
+                record_event(conn, event, self.tx_chains, self.match_actions)
+                conn.commit()
+            return
+        if self._writer is None:
+            self.start_writer()
+        if len(self._queue) >= self.queue_size:
+            BACKPRESSURE.inc()  # a negative block_seconds waits for room forever (audit over availability)
+            deadline = time.monotonic() + self.block_seconds if self.block_seconds >= 0 else float("inf")
+            while len(self._queue) >= self.queue_size:
+                if time.monotonic() >= deadline:
+                    DROPPED.inc()
+                    log.error("audit: queue full, event dropped", action=event.action, queue=self.queue_size)
+                    return
+                time.sleep(0.001)
+        self._queue.append(event)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted before this call is committed; False on timeout."""
+        if self._writer is None or not self._writer.is_alive():
+            return not self._queue
+        marker = _Flush()
+        self._queue.append(marker)  # the copier sets it once every batch queued before it is committed
+        self._wake.set()
+        return marker.done.wait(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def start_writer(self) -> None:
+        with self._start_lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run_writer, name="audit-writer", daemon=True)
+                self._writer.start()
+
+    def start(self) -> None:
+        """Start the batch writer and the periodic checkpointer (startup hook)."""
+        if self.tx_chains > 8:  # migration 0004 creates tx:<class>:0..7
+            with self.pool.connection() as conn:
+                conn.execute(
+                    """INSERT INTO audit_heads (chain, class, seq, hash)
+                       SELECT format('tx:%%s:%%s', c, i), c, 0, %s
+                       FROM unnest(ARRAY['audit', 'match']) AS c, generate_series(0, %s - 1) AS i
+                       ON CONFLICT (chain) DO NOTHING""",
+                    (ZERO_HASH, self.tx_chains),
+                )
+        self.start_writer()
+        with self._start_lock:
+            if self._checkpointer is None and self.keys is not None and self.checkpoint_interval > 0:
+                self._checkpointer = threading.Thread(target=self._run_checkpoints, name="audit-checkpoints",
+                                                      daemon=True)
+                self._checkpointer.start()
+
+    def stop(self, checkpoint: bool = True, timeout: float = 10.0) -> None:
+        """Drain the queue, stop the threads and sign a shutdown checkpoint (shutdown hook)."""
+        self._stop.set()
+        if self._writer is not None:
+            self._wake.set()
+            self._writer.join(timeout)
+        self._write_leftovers()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout)
+        if checkpoint and self.keys is not None:
+            try:
+                self.checkpoint("shutdown")
+            except Exception as exc:  # shutdown must go on; the next process signs on its next period
+                log.error("audit: shutdown checkpoint failed", error=str(exc))
+
+    def _write_leftovers(self) -> None:
+        """Events appended while the writer was stopping: written directly, on a transaction chain."""
+        leftovers, markers = [], []
+        while self._queue:
+            item = self._queue.popleft()
+            (markers if isinstance(item, _Flush) else leftovers).append(item)
+        if not leftovers:
+            for m in markers:
+                m.done.set()
+            return
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                for event in leftovers:
+                    record_event(conn, event, self.tx_chains, self.match_actions)
+        except Exception as exc:  # PostgreSQL down at shutdown: count and say so
+            DROPPED.inc(len(leftovers))
+            log.error("audit: events lost at shutdown", events=len(leftovers), error=str(exc))
+        for m in markers:
+            m.done.set()
+
+    def checkpoint(self, kind: str = "periodic") -> int:
+        """Sign the head of every chain that moved since its last checkpoint; returns how many."""
+        from appliance.audit.checkpoints import write_checkpoints
+
+        if self.keys is None:
+            raise RuntimeError("this AuditLog has no key provider to sign checkpoints with")
+        with self.pool.connection() as conn:
+            return write_checkpoints(conn, self.keys(), kind)
+
+    # --- the writer thread ---------------------------------------------------------------------------
+
+    def _run_writer(self) -> None:
+        """Hash batches here while the copier thread writes the previous one (CPU and I/O overlap)."""
+        copier = threading.Thread(target=self._run_copier, name="audit-copier", daemon=True)
+        copier.start()
+        pop = self._queue.popleft
+        while True:
+            stopping = self._stop.is_set()
+            batch: list[AuditEvent] = []
+            markers: list[_Flush] = []
+            try:
+                while len(batch) < self.batch_max:
+                    item = pop()
+                    (markers if type(item) is _Flush else batch).append(item)  # type: ignore[arg-type]
+            except IndexError:
+                pass
+            QUEUE_DEPTH.set(len(self._queue))
+            if batch or markers:
+                self._batches.put((self._chain(batch), markers))  # hashes are fixed from here on
+            elif stopping:
+                break
+            if len(batch) < self.batch_max and not stopping:
+                self._wake.wait(self.flush_interval)  # a partial batch: let more arrive (≤ one window)
+                self._wake.clear()
+        self._batches.put(_STOP)
+        copier.join()
+
+    def _run_copier(self) -> None:
+        while (item := self._batches.get()) is not _STOP:
+            rows, markers = item
+            if rows:
+                self._write_with_retry(rows)
+            for m in markers:
+                m.done.set()
+
+    def _write_with_retry(self, rows: list[tuple[_WriterChain, tuple[Any, ...]]]) -> None:
+        """COPY one batch, retrying the same rows while PostgreSQL is unavailable (never re-hashed)."""
+        delay, failures_while_stopping = 0.05, 0
+        while True:
+            try:
+                self._copy(rows)
+                EVENTS.labels("queue").inc(len(rows))
+                break
+            except Exception as exc:  # PostgreSQL down or restarting: keep the batch, retry
+                WRITE_ERRORS.inc()
+                failures_while_stopping += self._stop.is_set()
+                if failures_while_stopping > 3:
+                    DROPPED.inc(len(rows))
+                    log.error("audit: batch lost at shutdown", events=len(rows), error=str(exc))
+                    break
+                log.warning("audit: batch write failed, retrying", events=len(rows), error=str(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _chain(self, batch: list[AuditEvent]) -> list[tuple[_WriterChain, tuple[Any, ...]]]:
+        out = []
+        for i, event in enumerate(batch):
+            if not i % YIELD_EVERY:
+                time.sleep(0)  # hand the GIL to request threads now, not after the 5 ms switch interval
+            chain = self.chains[action_class(event.action, self.match_actions)]
+            ts = max(_event_ts(event), chain.ts)
+            rec, details_json = build_record(event, chain.name, chain.seq + 1, ts, chain.cls, _clean_details(event),
+                                             chain.hash)
+            chain.seq, chain.hash, chain.ts = rec["seq"], bytes.fromhex(rec["hash"]), ts
+            out.append((chain, _row(rec, ts, details_json)))
+        return out
+
+    def _copy(self, rows: list[tuple[_WriterChain, tuple[Any, ...]]]) -> None:
+        t0 = time.perf_counter()
+        touched: dict[str, tuple[_WriterChain, tuple[Any, ...]]] = {}
+        with self.pool.connection() as conn, conn.transaction():
+            for chain in {c.name: c for c, _ in rows}.values():
+                if not chain.announced:
+                    self._announce(conn, chain)
+            with conn.cursor().copy(f"COPY audit_log ({_COLUMNS}) FROM STDIN") as copy:
+                for i, (chain, row) in enumerate(rows):
+                    if not i % (YIELD_EVERY * 4):
+                        time.sleep(0)
+                    copy.write_row(row)
+                    touched[chain.name] = (chain, row)
+            for chain, row in touched.values():
+                conn.execute(
+                    "UPDATE audit_heads SET seq = %s, hash = %s, ts = %s, updated_at = now() WHERE chain = %s",
+                    (row[2], row[12], row[0], chain.name),
+                )
+        for chain, _ in touched.values():
+            chain.announced = True
+        BATCH_SECONDS.observe(time.perf_counter() - t0)
+
+    def _announce(self, conn: Connection[Any], chain: _WriterChain) -> None:
+        conn.execute(
+            "INSERT INTO audit_heads (chain, class, seq, hash) VALUES (%s, %s, 0, %s) ON CONFLICT (chain) DO NOTHING",
+            (chain.name, chain.cls, ZERO_HASH),
+        )
+        start = AuditEvent("audit.chain.start", "system:audit", object_id=chain.name,
+                           details={"host": socket.gethostname()[:60], "pid": os.getpid()})
+        record_event(conn, start, self.tx_chains, self.match_actions)
+
+    def _run_checkpoints(self) -> None:
+        last_ensure = time.monotonic()
+        while not self._stop.wait(self.checkpoint_interval):
+            try:
+                self.checkpoint("periodic")
+                if time.monotonic() - last_ensure > 86_400:  # keep monthly partitions ahead on long uptimes
+                    self.ensure_partitions()
+                    last_ensure = time.monotonic()
+            except Exception as exc:  # Vault or PostgreSQL down: try again next period
+                log.warning("audit: periodic checkpoint failed", error=str(exc))
+
+    def ensure_partitions(self, months_ahead: int = 3) -> None:
+        """Create this month's and the next months' partitions (a SECURITY DEFINER function of 0004)."""
+        with self.pool.connection() as conn:
+            conn.execute("SELECT audit_ensure_partitions(date_trunc('month', now())::date, %s)", (months_ahead + 1,))
+            conn.commit()
+
+
+_LOCK = threading.Lock()
+
+
+def audit_log(state: Any) -> AuditLog:
+    """The process's AuditLog from ``state.extras["audit"]``, created on first use if no hook ran."""
+    found = state.extras.get("audit")
+    if found is None:
+        with _LOCK:
+            found = state.extras.get("audit")
+            if found is None:
+                found = state.extras["audit"] = new_audit_log(state)
+    return found  # type: ignore[no-any-return]
+
+
+def new_audit_log(state: Any) -> AuditLog:
+    s = state.settings
+    return AuditLog(
+        state.pool,
+        keys=lambda: state.keys,
+        queue_size=getattr(s, "audit_queue_size", 100_000),
+        batch_max=getattr(s, "audit_batch_max", 5_000),
+        flush_interval=getattr(s, "audit_flush_interval", 0.2),
+        block_seconds=getattr(s, "audit_block_seconds", 0.25),
+        tx_chains=getattr(s, "audit_tx_chains", 8),
+        match_actions=frozenset(getattr(s, "audit_match_actions", DEFAULT_MATCH_ACTIONS)),
+        checkpoint_interval=getattr(s, "audit_checkpoint_interval", 60.0),
+    )

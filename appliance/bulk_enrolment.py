@@ -1,0 +1,173 @@
+"""``POST /v1/encodings:bulk``: many subjects' encodings from streaming NDJSON, resumable by Idempotency-Key.
+
+The body is cut into chunks of lines; each chunk commits in ONE transaction together with its audit
+records and the key's ``lines_done`` counter. After a crash (or a dropped connection) the client
+sends the same body with the same key: the first ``lines_done`` lines are skipped and the rest
+completes it, so no line is enrolled twice and no encoding ever lacks its audit record.
+
+Line format: ``{"subject_id": uuid | "external_ref": str, "model": str, "vector": [floats]}``;
+an ``external_ref`` not seen before creates the subject.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic_core import from_json
+
+from appliance.enrolment import check_subjects, ensure_models, publish, write_encodings
+from appliance.errors import BadRequest, Conflict, Unprocessable
+from vector.errors import InvalidVector
+from vector.templates import as_matrix
+
+
+@dataclass
+class _Line:
+    subject_id: uuid.UUID | None
+    external_ref: str | None
+    model: str
+    vector: list[float]  # checked numerically per chunk (one NumPy pass), see _vectors
+    line_no: int
+
+
+@dataclass
+class BulkEnrolment:
+    """One request's progress; ``add_line`` buffers, ``flush`` commits a chunk (call it off the event loop)."""
+
+    state: Any
+    key: str
+    actor: str
+    request_id: str | None
+    chunk_size: int = 1000
+    lines_done: int = 0  # committed lines of this key (this and earlier requests)
+    skip_until: int = 0  # lines committed before this request began: skipped, not parsed
+    skipped: int = 0
+    enrolled: int = 0
+    done_before: bool = False
+    _seen: int = 0
+    _pending: list[_Line] = field(default_factory=list)
+
+    def begin(self) -> None:
+        if not 1 <= len(self.key) <= 200:
+            raise BadRequest("Idempotency-Key must be 1..200 characters")
+        with self.state.pool.connection() as conn, conn.transaction():
+            conn.execute("INSERT INTO bulk_enrolments (idempotency_key, actor) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                         (self.key, self.actor))
+            row = conn.execute("SELECT actor, lines_done, state FROM bulk_enrolments WHERE idempotency_key = %s",
+                               (self.key,)).fetchone()
+        if row[0] != self.actor:
+            raise Conflict("this Idempotency-Key belongs to another API key")
+        self.lines_done, self.done_before = int(row[1]), row[2] == "done"
+        self.skip_until = self.lines_done
+
+    def add_line(self, raw: bytes) -> bool:
+        """Buffer one NDJSON line; True when a chunk is ready to flush."""
+        if not raw.strip():
+            return False
+        self._seen += 1
+        if self._seen <= self.skip_until:
+            self.skipped += 1
+            return False
+        self._pending.append(self._parse(raw, self._seen))
+        return len(self._pending) >= self.chunk_size
+
+    def _parse(self, raw: bytes, line_no: int) -> _Line:
+        models = self.state.settings.models
+        try:
+            obj = from_json(raw)  # ~5x faster than json.loads for 128 floats
+            model = obj["model"]
+            if model not in models:
+                raise InvalidVector(f"unknown model {model!r}")
+            sid = obj.get("subject_id")
+            ref = obj.get("external_ref")
+            if (sid is None) == (ref is None):
+                raise ValueError("give exactly one of subject_id and external_ref")
+            if ref is not None and not (isinstance(ref, str) and 1 <= len(ref) <= 200):
+                raise ValueError("external_ref must be a string of 1..200 characters")
+            vector = obj["vector"]
+            if not isinstance(vector, list) or len(vector) != models[model].dim:
+                raise InvalidVector(f"expected {models[model].dim} dimensions")
+            return _Line(uuid.UUID(sid) if sid else None, ref, model, vector, line_no)
+        except (InvalidVector, ValueError, KeyError, TypeError, AttributeError) as exc:  # from_json: ValueError
+            raise Unprocessable(f"line {line_no}: {exc}", line=line_no, lines_committed=self.lines_done) from None
+
+    def take(self) -> list[_Line]:
+        """Hand the buffered lines to ``flush`` so parsing of the next chunk can overlap the commit."""
+        lines, self._pending = self._pending, []
+        return lines
+
+    def flush(self, lines: list[_Line] | None = None) -> None:
+        """Commit one chunk: subjects, encodings, audit records and progress in one transaction.
+
+        Chunks must be flushed one after another, in order (the caller awaits the previous flush).
+        """
+        lines = self.take() if lines is None else lines
+        if not lines:
+            return
+        vectors = self._vectors(lines)
+        ensure_models(self.state, {ln.model for ln in lines})
+        with self.state.pool.connection() as conn, conn.transaction():
+            row = conn.execute("SELECT lines_done FROM bulk_enrolments WHERE idempotency_key = %s FOR UPDATE",
+                               (self.key,)).fetchone()
+            if int(row[0]) != self.lines_done:
+                raise Conflict("another request is completing this Idempotency-Key; retry later")
+            refs = _resolve_refs(conn, {ln.external_ref for ln in lines if ln.external_ref is not None})
+            sids = [ln.subject_id or refs[ln.external_ref] for ln in lines]  # type: ignore[index]
+            check_subjects(conn, set(sids))
+            enrolled, messages = write_encodings(self.state, conn, sids, [ln.model for ln in lines],
+                                                 vectors, self.actor, self.request_id, check=False)
+            conn.execute(
+                """UPDATE bulk_enrolments SET lines_done = lines_done + %s, encodings_done = encodings_done + %s,
+                   updated_at = now() WHERE idempotency_key = %s""",
+                (len(lines), len(enrolled), self.key),
+            )
+        self.lines_done += len(lines)
+        self.enrolled += len(enrolled)
+        publish(self.state, messages, wait=0.0)  # followers apply in the background
+
+    def _vectors(self, lines: list[_Line]) -> list[np.ndarray]:
+        """Validate a chunk's vectors in one pass per model; on failure, find and name the bad line."""
+        out: list[np.ndarray] = [np.empty(0)] * len(lines)
+        for model in {ln.model for ln in lines}:
+            rows = [i for i, ln in enumerate(lines) if ln.model == model]
+            dim = self.state.settings.models[model].dim
+            try:
+                matrix = as_matrix([lines[i].vector for i in rows], dim)
+            except InvalidVector:
+                for i in rows:
+                    try:
+                        as_matrix(lines[i].vector, dim)
+                    except InvalidVector as exc:
+                        raise Unprocessable(f"line {lines[i].line_no}: {exc}", line=lines[i].line_no,
+                                            lines_committed=self.lines_done) from None
+                raise
+            for j, i in enumerate(rows):
+                out[i] = matrix[j]
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        self.flush()
+        with self.state.pool.connection() as conn:
+            row = conn.execute(
+                """UPDATE bulk_enrolments SET state = 'done', updated_at = now() WHERE idempotency_key = %s
+                   RETURNING lines_done, encodings_done""", (self.key,)).fetchone()
+        return {"idempotency_key": self.key, "state": "done", "lines_seen": self._seen,
+                "lines_skipped": self.skipped, "encodings_enrolled": self.enrolled,
+                "lines_done": int(row[0]), "encodings_total": int(row[1])}
+
+
+def _resolve_refs(conn: Any, refs: set[str]) -> dict[str, uuid.UUID]:
+    """Subjects by external_ref, creating the missing ones (inside the chunk's transaction)."""
+    if not refs:
+        return {}
+    ordered = sorted(refs)
+    conn.execute(
+        """INSERT INTO subjects (id, external_ref) SELECT * FROM unnest(%s::uuid[], %s::text[])
+           ON CONFLICT (external_ref) DO NOTHING""",
+        ([uuid.uuid4() for _ in ordered], ordered),
+    )
+    rows = conn.execute("SELECT external_ref, id FROM subjects WHERE external_ref = ANY(%s)", (ordered,)).fetchall()
+    return {r[0]: r[1] for r in rows}

@@ -1,0 +1,118 @@
+"""``appliance audit``: export for auditors, offline verify, checkpoint now, retention sweep."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit trail: export, verify, checkpoint, retention.")
+
+
+@app.command()
+def export(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+    from_: Annotated[datetime | None, typer.Option("--from", help="Inclusive start (ISO 8601, UTC if no zone).")
+                     ] = None,
+    to: Annotated[datetime | None, typer.Option(help="Exclusive end (ISO 8601).")] = None,
+    subject_id: Annotated[str | None, typer.Option(help="Only this subject's records (others become stubs).")] = None,
+    action: Annotated[str | None, typer.Option(help="Only this action (others become stubs).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
+    public_key_out: Annotated[Path | None, typer.Option(help="Also write the signing public key (PEM) here.")] = None,
+) -> None:
+    """Export records with their checkpoints, the public key and a signed end line."""
+    from appliance import clients
+    from appliance.audit.cli_support import record_cli_event
+    from appliance.audit.export import ExportError, ExportFilter, export_lines
+    from appliance.cli import _fail, _settings
+
+    if fmt not in ("jsonl", "csv"):
+        _fail("--format must be jsonl or csv", 2)
+    settings = _settings()
+    try:
+        flt = ExportFilter.build(from_, to, subject_id, action)
+    except ExportError as exc:
+        _fail(str(exc), 2)
+        return
+    keys = clients.key_provider(settings)
+    try:
+        record_cli_event(settings, "audit.export", subject_id=flt.subject_id,
+                         details={"filters": flt.describe(), "format": fmt})
+        sink = out.open("wb") if out else sys.stdout.buffer
+        try:
+            for line in export_lines(settings.database_url.get_secret_value(), keys, flt, fmt):
+                sink.write(line)
+        finally:
+            if out:
+                sink.close()
+        if public_key_out:
+            public_key_out.write_bytes(keys.public_key_pem())
+    finally:
+        keys.close()
+    if out:
+        typer.echo(f"exported to {out}", err=True)
+
+
+@app.command()
+def verify(
+    file: Annotated[Path, typer.Argument(help="An export written by `appliance audit export` or the API.")],
+    public_key: Annotated[Path | None, typer.Option(help="The appliance's public key (PEM), obtained separately.")
+                          ] = None,
+) -> None:
+    """Verify an export offline (no database): OK, or exactly what was changed, removed, inserted or cut."""
+    from appliance.audit.verify import verify_export
+
+    report = verify_export(file.read_bytes(), public_key.read_bytes() if public_key else None)
+    for problem in report.problems:
+        typer.secho(f"{problem.kind.upper():10} {problem}", fg=typer.colors.RED)
+    for warning in report.warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def checkpoint() -> None:
+    """Sign the head of every chain that moved since its last checkpoint, now."""
+    import psycopg
+
+    from appliance import clients
+    from appliance.audit.checkpoints import write_checkpoints
+    from appliance.cli import _settings
+
+    settings = _settings()
+    keys = clients.key_provider(settings)
+    try:
+        with psycopg.connect(settings.database_url.get_secret_value()) as conn:
+            n = write_checkpoints(conn, keys, "manual")
+    finally:
+        keys.close()
+    typer.echo(f"signed {n} checkpoint(s)")
+
+
+@app.command()
+def retention(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be dropped.")] = False,
+) -> None:
+    """Drop whole monthly partitions past retention (match events, other records), with signed anchors."""
+    from appliance import clients
+    from appliance.audit.retention import RetentionPolicy, sweep
+    from appliance.cli import _fail, _settings
+    from appliance.db.pool import admin_dsn
+
+    settings = _settings()
+    if settings.database_admin_url is None:
+        _fail("retention needs the owner role: set database_admin_url", 2)
+    keys = clients.key_provider(settings)
+    try:
+        result = sweep(admin_dsn(settings), keys, RetentionPolicy.from_settings(settings), dry_run=dry_run)
+    finally:
+        keys.close()
+    for name in result.dropped:
+        typer.echo(f"{'would drop' if dry_run else 'dropped'} {name}")
+    typer.echo(f"{len(result.dropped)} partition(s), {result.anchors} retention checkpoint(s); "
+               f"partitions ensured up to {result.ensured_until}")

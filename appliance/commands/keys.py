@@ -1,0 +1,105 @@
+"""``appliance keys status | rotate-kek | retire-old | export-public-key | rotate-template``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import psycopg
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="KEK, signing key and template-key operations.")
+
+
+def _context():  # type: ignore[no-untyped-def]
+    from appliance import clients
+    from appliance.cli import _settings
+    from appliance.db.pool import admin_dsn
+
+    settings = _settings()
+    return settings, admin_dsn(settings), clients.key_provider(settings)
+
+
+@app.command("status")
+def status() -> None:
+    """Key provider, current KEK version, and how many stored keys each KEK version wraps."""
+    from appliance.keyring import version_counts
+
+    _, dsn, provider = _context()
+    current = provider.kek_version()
+    typer.echo(f"provider: {provider.name}   KEK version: {current}")
+    with psycopg.connect(dsn) as conn:
+        for table, counts in version_counts(conn).items():
+            lagging = sum(n for v, n in counts.items() if v < current)
+            detail = ", ".join(f"v{v}: {n}" for v, n in sorted(counts.items())) or "none"
+            typer.echo(f"  {table:14} {detail}" + (f"   ({lagging} to rewrap)" if lagging else ""))
+
+
+@app.command("rotate-kek")
+def rotate_kek(
+    batch_size: Annotated[int, typer.Option(min=1, max=10_000)] = 1000,
+    resume: Annotated[bool, typer.Option(help="Only rewrap keys still under an older version.")] = False,
+) -> None:
+    """Rotate the KEK and rewrap every stored key in batches; re-run with --resume after a kill.
+
+    The service keeps serving: old versions still unwrap until `retire-old`.
+    """
+    from appliance.keyring import TABLES, rewrap_backups, rewrap_table, version_counts
+
+    settings, dsn, provider = _context()
+    if not resume:
+        typer.echo(f"KEK rotated to version {provider.rotate_kek()}")
+    target = provider.kek_version()
+    with psycopg.connect(dsn) as conn:
+        counts = version_counts(conn)
+        for table in TABLES:
+            todo = sum(n for v, n in counts[table.table].items() if v < target)
+            with typer.progressbar(length=todo, label=f"rewrap {table.table:14}") as bar:
+                last = [0]
+
+                def advance(p, bar=bar, last=last) -> None:  # type: ignore[no-untyped-def]
+                    bar.update(p.rewrapped - last[0])
+                    last[0] = p.rewrapped
+
+                rewrap_table(conn, provider, table, batch_size, advance)
+    from appliance import clients
+
+    moved = rewrap_backups(clients.s3_client(settings), settings.s3_backup_bucket, provider)
+    typer.echo(f"rewrapped {moved} backup key(s); every stored key is at KEK version {target}")
+    _audit(settings, "key.rotate_kek", str(target))
+
+
+@app.command("retire-old")
+def retire_old() -> None:
+    """Refuse to decrypt with KEK versions older than the current one (after a complete rotation)."""
+    from appliance.keyring import version_counts
+
+    settings, dsn, provider = _context()
+    current = provider.kek_version()
+    with psycopg.connect(dsn) as conn:
+        lagging = {t: n for t, c in version_counts(conn).items() if (n := sum(k for v, k in c.items() if v < current))}
+    if lagging:
+        typer.secho(f"refused: keys still wrapped by older versions: {lagging}; run rotate-kek --resume",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    provider.set_min_decryption_version(current)
+    _audit(settings, "key.retire_old", str(current))
+    typer.echo(f"KEK versions below {current} retired")
+
+
+@app.command("export-public-key")
+def export_public_key(out: Annotated[Path | None, typer.Option(help="Write the PEM here.")] = None) -> None:
+    """The Ed25519 public key that verifies audit checkpoints and erasure receipts, offline."""
+    _, _, provider = _context()
+    pem = provider.public_key_pem()
+    if out:
+        out.write_bytes(pem)
+        typer.echo(f"written to {out}")
+    else:
+        typer.echo(pem.decode().rstrip())
+
+
+def _audit(settings, action: str, object_id: str) -> None:  # type: ignore[no-untyped-def]
+    from appliance.audit.cli_support import record_cli_event
+
+    record_cli_event(settings, action=action, object_id=object_id)

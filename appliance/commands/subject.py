@@ -1,0 +1,88 @@
+"""``appliance subject``: erase a subject (resumable, signed receipt), export a subject's data."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="GDPR: erase or export one subject.")
+
+
+def _state():  # type: ignore[no-untyped-def]
+    from appliance.api.state import AppState
+    from appliance.cli import _settings
+
+    return AppState.build(_settings())
+
+
+@app.command()
+def erase(
+    subject_id: Annotated[uuid.UUID, typer.Argument(help="The subject's id.")],
+    receipt_out: Annotated[Path | None, typer.Option("--receipt", help="Write the signed receipt (JSON) here.")] = None,
+) -> None:
+    """Erase a subject (or resume its unfinished erasure) and print the signed receipt."""
+    from appliance.audit.cli_support import cli_actor
+    from appliance.errors import ApplianceError
+    from appliance.gdpr import erasure
+
+    state = _state()
+    try:
+        job_id = erasure.start_erasure(state, subject_id, cli_actor(), None)
+        job = erasure.run_erasure(state, job_id)
+        audit = state.extras.get("audit")
+        if audit is not None:
+            audit.stop(checkpoint=False)
+    except ApplianceError as exc:
+        typer.secho(f"erasure failed: {exc.detail}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        state.close()
+    out = {"job_id": str(job["id"]), "receipt": job["receipt"], "signature": job["receipt_signature"]}
+    text = json.dumps(out, indent=2, default=str)
+    if receipt_out:
+        receipt_out.write_text(text + "\n")
+    typer.echo(text)
+
+
+@app.command("verify-receipt")
+def verify_receipt(
+    file: Annotated[Path, typer.Argument(help="JSON with 'receipt' and 'signature' (as `subject erase` prints).")],
+    public_key: Annotated[Path, typer.Option(help="The appliance's public key (PEM).")],
+) -> None:
+    """Check an erasure receipt's signature offline."""
+    from appliance.gdpr.receipts import verify_receipt as check
+
+    data = json.loads(file.read_text())
+    if not check(data["receipt"], data["signature"], public_key.read_bytes()):
+        typer.secho("INVALID: the receipt does not match its signature under this key", fg=typer.colors.RED)
+        raise typer.Exit(1)
+    typer.echo(f"OK: receipt of job {data['receipt']['job_id']} for subject {data['receipt']['subject_id']}")
+
+
+@app.command()
+def export(
+    subject_id: Annotated[uuid.UUID, typer.Argument(help="The subject's id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Write the signed zip here.")],
+) -> None:
+    """Write the access/portability export (decrypted data, audit history, signature) to a zip."""
+    from appliance.audit.cli_support import cli_actor
+    from appliance.errors import ApplianceError
+    from appliance.gdpr.export import access_archive
+
+    state = _state()
+    try:
+        with out.open("wb") as f:
+            for chunk in access_archive(state, subject_id, cli_actor(), None):
+                f.write(chunk)
+    except ApplianceError as exc:
+        out.unlink(missing_ok=True)
+        typer.secho(f"export failed: {exc.detail}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        state.close()
+    out.chmod(0o600)
+    typer.echo(f"exported to {out}")

@@ -1,0 +1,21 @@
+"""GDPR duties (DESIGN.md, "GDPR"): provable erasure with signed receipts, and the access export."""
+
+from __future__ import annotations
+
+from appliance.errors import ApplianceError, DependencyUnavailable, NotFound
+
+
+class GdprError(ApplianceError):
+    """Base of this package's errors (mapped to problem+json by the API)."""
+
+
+class SubjectNotFound(NotFound, GdprError):
+    """No subject with this id (never existed)."""
+
+
+class ErasureNotFound(NotFound, GdprError):
+    """No erasure job with this id."""
+
+
+class ErasureInterrupted(DependencyUnavailable, GdprError):
+    """An erasure step failed (a server was down, or a test injected a failure); retrying resumes it."""

@@ -1,0 +1,153 @@
+"""The access/portability export: one signed zip of everything the appliance holds about a subject.
+
+Contents: ``subject.json`` (metadata, decrypted label), ``encodings.json`` (decrypted raw vectors),
+``media/<id>.<ext>`` (decrypted captures and thumbnails), ``audit.jsonl`` (every audit record naming
+the subject, with its chain hashes), then ``manifest.json`` (SHA-256 of each file) and
+``signature.json`` (Ed25519 over the manifest's canonical JSON, the key id and the public key PEM).
+
+Decrypted data never touches the disk: the zip is streamed as it is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+import zipfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from psycopg.rows import dict_row
+
+from appliance.audit import AuditEvent
+from appliance.audit.chain import canonical_json, record_from_row, ts_text
+from appliance.audit.checkpoints import provider_key_id
+from appliance.audit.log import audit_log
+from appliance.gdpr import SubjectNotFound
+
+MANIFEST_TYPE = "appliance-subject-export"
+_EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "video/mp4": "mp4", "video/webm": "webm"}
+
+
+class _Sink:
+    """A write-only file for ZipFile (no seek/tell: zipfile then streams with data descriptors)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        out, self.parts = b"".join(self.parts), []
+        return out
+
+
+def _subject_dek(state: Any, conn: Any, subject_id: uuid.UUID) -> bytes | None:
+    key = state.subject_keys.get(conn, subject_id, missing_ok=True)
+    return None if key is None else key.dek  # type: ignore[no-any-return]
+
+
+def access_archive(state: Any, subject_id: uuid.UUID, actor: str, request_id: str | None) -> Iterator[bytes]:
+    """Check, audit and gather (raising before any byte is sent), then return the zip stream."""
+    from appliance.enrolment import encoding_aad, label_aad
+    from crypto.seal import open_sealed
+
+    with state.pool.connection() as conn, conn.transaction():
+        cur = conn.cursor(row_factory=dict_row)
+        subject = cur.execute("SELECT * FROM subjects WHERE id = %s", (subject_id,)).fetchone()
+        if subject is None:
+            raise SubjectNotFound(f"no subject {subject_id}")
+        dek = _subject_dek(state, conn, subject_id)
+        label = None
+        if subject["label_sealed"] is not None and dek is not None:
+            label = open_sealed(dek, bytes(subject["label_sealed"]), label_aad(subject_id)).decode()
+        encodings = []
+        for row in cur.execute("SELECT id, model, template_version, raw_sealed, created_at FROM encodings "
+                               "WHERE subject_id = %s ORDER BY created_at, id", (subject_id,)).fetchall():
+            raw = open_sealed(dek, bytes(row["raw_sealed"]), encoding_aad(subject_id, row["id"], row["model"]))
+            encodings.append({"id": str(row["id"]), "model": row["model"], "template_version": row["template_version"],
+                              "created_at": ts_text(row["created_at"]),
+                              "vector": np.frombuffer(raw, "<f4").astype(float).tolist()})
+        media = cur.execute("SELECT * FROM media WHERE subject_id = %s ORDER BY created_at, id",
+                            (subject_id,)).fetchall()
+        audit_log(state).record(conn, AuditEvent(
+            "subject.export", actor, subject_id=subject_id, request_id=request_id,
+            details={"encodings": len(encodings), "media": len(media)}))
+    meta = {
+        "id": str(subject_id), "external_ref": subject["external_ref"], "label": label, "state": subject["state"],
+        "created_at": ts_text(subject["created_at"]), "updated_at": ts_text(subject["updated_at"]),
+        "erased_at": ts_text(subject["erased_at"]) if subject["erased_at"] else None,
+    }
+    return _stream(state, subject_id, meta, encodings, media, dek)
+
+
+def _stream(state: Any, subject_id: uuid.UUID, meta: dict[str, Any], encodings: list[dict[str, Any]],
+            media: list[dict[str, Any]], dek: bytes | None) -> Iterator[bytes]:
+    sink = _Sink()
+    files: dict[str, str] = {}
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED) as zf:  # type: ignore[arg-type]
+
+        def put(name: str, data: bytes) -> None:
+            files[name] = hashlib.sha256(data).hexdigest()
+            zf.writestr(name, data)
+
+        put("subject.json", json.dumps(meta, indent=2).encode())
+        put("encodings.json", json.dumps(encodings).encode())
+        yield sink.take()
+        media_list = []
+        for row in media:
+            name = f"media/{row['id']}.{_EXT.get(row['content_type'], 'bin')}"
+            digest = hashlib.sha256()
+            with zf.open(name, "w", force_zip64=True) as out:
+                for chunk in _open_media(state, row, dek):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    yield sink.take()
+            files[name] = digest.hexdigest()
+            media_list.append({"file": name, "id": str(row["id"]), "kind": row["kind"],
+                               "content_type": row["content_type"], "camera_id": row["camera_id"],
+                               "captured_at": ts_text(row["captured_at"]) if row["captured_at"] else None,
+                               "size_bytes": row["size_bytes"]})
+        put("media.json", json.dumps(media_list, indent=2).encode())
+        put("audit.jsonl", b"".join(_audit_history(state, subject_id)))
+        yield sink.take()
+        manifest = {"type": MANIFEST_TYPE, "v": 1, "subject_id": str(subject_id),
+                    "generated_at": ts_text(datetime.now(UTC)), "files": files}
+        manifest_bytes = canonical_json(manifest)
+        zf.writestr("manifest.json", manifest_bytes)
+        zf.writestr("signature.json", json.dumps({
+            "signed": "manifest.json (its exact bytes)", "algorithm": "Ed25519",
+            "signature": state.keys.sign(manifest_bytes).hex(), "key_id": provider_key_id(state.keys),
+            "public_key_pem": state.keys.public_key_pem().decode()}, indent=2).encode())
+    yield sink.take()
+
+
+def _open_media(state: Any, row: dict[str, Any], subject_dek: bytes | None) -> Iterator[bytes]:
+    from crypto.stream import open_stream
+    from media.crypt import media_aad, wrap_context
+    from media.store import MediaStore
+
+    if row["wrapped_dek"] is None:
+        dek = subject_dek
+    else:
+        dek = state.keys.unwrap(bytes(row["wrapped_dek"]), wrap_context(row["id"]))
+    if dek is None:
+        return
+    service = state.extras.get("media")
+    store = service.store if service is not None else MediaStore(state.s3, state.settings.s3_bucket)
+    yield from open_stream(dek, store.get(row["object_key"]), media_aad(row["id"], row["kind"]))
+
+
+def _audit_history(state: Any, subject_id: uuid.UUID) -> Iterator[bytes]:
+    with state.pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        for row in cur.execute("SELECT * FROM audit_log WHERE subject_id = %s ORDER BY ts, chain, seq",
+                               (subject_id,)):
+            yield canonical_json(record_from_row(row)) + b"\n"

@@ -1,0 +1,434 @@
+"""The per-process index service: owns the hot indexes, warms them, follows the feed, holds tombstones.
+
+Invariant: a label in the tombstone set is never returned by ``match``. Tombstones reach this process
+three ways: directly (``tombstone_subject`` in this process), through the feed, and, for a worker whose
+feed is behind, through one Redis ``SMISMEMBER`` over the candidate labels on every match. While Redis
+is down matching goes on from memory, and the follower re-syncs from PostgreSQL once it returns.
+The match path itself never touches PostgreSQL, Vault or S3.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import redis
+
+from appliance.logs import get_logger
+from crypto.template import TemplateKey
+from vector import snapshot, store
+from vector.errors import IndexNotReady, SnapshotError, UnknownModel
+from vector.feed import Feed, FeedMessage
+from vector.index import HotIndex, IndexParams, single_threaded_search
+from vector.matcher import Candidate, search_candidates
+from vector.templates import TemplateKeys
+
+log = get_logger(__name__)
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
+@dataclass
+class ModelIndex:
+    """One model's hot index together with the key its templates were protected with (swapped as a pair)."""
+
+    model: str
+    dim: int
+    version: int
+    key: TemplateKey
+    index: HotIndex
+    applied_seq: int
+    saved_seq: int = -1
+    from_snapshot: bool = False
+
+    @property
+    def index_version(self) -> str:
+        return f"{self.version}.{self.applied_seq}"
+
+
+@dataclass
+class MatchResult:
+    decision: str  # "match" | "unknown"
+    candidates: list[Candidate]
+    threshold: float
+    index_version: str
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+
+@dataclass
+class ServiceConfig:
+    params: IndexParams = field(default_factory=IndexParams)
+    snapshot_dir: Path | None = None
+    snapshot_interval: float = 300.0
+    resync_interval: float = 30.0
+    oversample: int = 4
+    warm_threads: int = 2
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ServiceConfig:
+        g = lambda name, default: getattr(settings, name, default)  # noqa: E731 - settings may predate these
+        return cls(
+            params=IndexParams(
+                exact_max=g("index_exact_max", 20_000), hnsw_m=g("index_hnsw_m", 16),
+                ef_construction=g("index_hnsw_ef_construction", 40), ef_search=g("index_hnsw_ef_search", 96),
+                rebuild_dead_fraction=g("index_rebuild_dead_fraction", 0.1),
+            ),
+            snapshot_dir=g("index_snapshot_dir", None) or Path(settings.var_dir) / "index",
+            snapshot_interval=g("index_snapshot_interval", 300.0),
+            resync_interval=g("index_resync_interval", 30.0),
+        )
+
+
+class IndexService:
+    """Hot indexes of every configured model in this process, kept in step with PostgreSQL."""
+
+    def __init__(self, settings: Any, pool: Any, redis_client: redis.Redis, keys: Any,
+                 config: ServiceConfig | None = None) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.feed = Feed(redis_client)
+        self._probe = self.feed.probe()
+        self._keys = keys  # callable returning the KeyProvider (lazy: Vault may be down at start)
+        self.config = config or ServiceConfig.from_settings(settings)
+        self.dims = {name: spec.dim for name, spec in settings.models.items()}
+        self.thresholds = {name: spec.threshold for name, spec in settings.models.items()}
+        self.models: dict[str, ModelIndex] = {}
+        self.dead: set[int] = set()  # read lock-free on the match path; changed only under _dead_lock
+        self._dead_lock = threading.Lock()
+        self.template_keys: TemplateKeys | None = None
+        self._applied = threading.Condition()  # serialises index changes; notified after each
+        self._stream_id: bytes | None = None
+        self._redis_down_until = 0.0
+        self._needs_resync = threading.Event()
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.warm_seconds: float | None = None
+        self.last_error: str | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Warm and follow in a background thread; ``match`` answers 503 until a model is warm."""
+        faiss.omp_set_num_threads(1)
+        self._thread = threading.Thread(target=self._run, name="index-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self, save: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if save:
+            self.save_snapshots()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def pause(self) -> None:
+        """Stop applying feed messages (tests of a lagging worker); matching goes on."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    # --- the match path -------------------------------------------------------------------
+    def match(self, model: str, vectors: np.ndarray, k: int, threshold: float | None = None) -> list[MatchResult]:
+        """Identify each row of ``vectors`` (validated, shape (n, dim)); see the module invariant."""
+        mi = self.models.get(model)
+        if mi is None:
+            if model not in self.dims:
+                raise UnknownModel(f"unknown model {model!r}")
+            raise IndexNotReady(f"the index of {model!r} is warming up")
+        threshold = self.thresholds[model] if threshold is None else threshold
+        queries = mi.key.protect(vectors)
+        for _attempt in range(3):
+            found = search_candidates(lambda w: mi.index.search(queries, w), len(queries), k,
+                                      len(mi.index), self.dead, self.config.oversample)
+            fresh = self._remote_tombstones([c.label for cands in found for c in cands])
+            if not fresh:
+                break
+            self.add_tombstones(fresh)
+        return [MatchResult("match" if cands and cands[0].similarity >= threshold else "unknown",
+                            cands, threshold, mi.index_version) for cands in found]
+
+    def _remote_tombstones(self, labels: list[int]) -> list[int]:
+        """Labels tombstoned in Redis that this process has not heard of yet (feed behind)."""
+        if not labels or time.monotonic() < self._redis_down_until:
+            return []
+        try:
+            return [x for x in self._probe.tombstoned(labels) if x not in self.dead]
+        except REDIS_ERRORS:
+            self._redis_down()
+            return []
+
+    def _redis_down(self) -> None:
+        self._redis_down_until = time.monotonic() + 1.0
+        self._needs_resync.set()
+
+    # --- tombstones and deletions -----------------------------------------------------------
+    def add_tombstones(self, labels: list[int] | np.ndarray) -> None:
+        """In-process half of erasure: from now on this process never returns these labels."""
+        values = [int(x) for x in labels]
+        with self._dead_lock:
+            self.dead.update(values)
+        for mi in list(self.models.values()):
+            mi.index.delete(values)
+
+    def dead_labels(self) -> list[int]:
+        with self._dead_lock:
+            return list(self.dead)
+
+    def reload(self, model: str) -> None:
+        """Warm a fresh index of ``model`` from PostgreSQL and swap it in (after a template-key rotation)."""
+        self.models[model] = self.warm(model)
+
+    # --- warm-up and re-sync ----------------------------------------------------------------
+    def warm(self, model: str) -> ModelIndex:
+        """Build a model's index from its snapshot (if current) plus a diff against PostgreSQL, or from scratch."""
+        dim = self.dims[model]
+        started = time.perf_counter()
+        provider = self._keys()
+        if self.template_keys is None:
+            self.template_keys = TemplateKeys(provider)
+        with self.pool.connection() as conn:
+            version = self.template_keys.ensure_model(conn, model, dim)
+            key = self.template_keys.get(conn, model, version)
+        mi = self._from_snapshot(model, dim, version, key)
+        if mi is None:
+            with self.pool.connection() as conn, conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                pos = store.feed_position(conn, model)
+                assert pos is not None
+                seq, version = pos
+                batch = store.load_templates(conn, model, dim, version)
+                key = self.template_keys.get(conn, model, version)
+            with _faiss_threads(self.config.warm_threads):
+                index = HotIndex.build(dim, batch, self.config.params)
+            mi = ModelIndex(model, dim, version, key, index, seq)
+            del batch
+        self._diff_sync(mi)
+        mi.index.delete(self.dead_labels())
+        log.info("index_warm", model=model, size=len(mi.index), kind=mi.index.kind,
+                 seconds=round(time.perf_counter() - started, 3), seq=mi.applied_seq)
+        return mi
+
+    def _from_snapshot(self, model: str, dim: int, version: int, key: TemplateKey) -> ModelIndex | None:
+        path = self.snapshot_path(model)
+        if path is None or not path.exists():
+            return None
+        try:
+            index, meta = snapshot.load(path, self._keys(), self.config.params)
+        except SnapshotError as exc:
+            log.warning("snapshot_unusable", model=model, error=str(exc))
+            return None
+        if meta["version"] != version or meta["dim"] != dim:
+            return None
+        seq = int(meta["feed_seq"])
+        return ModelIndex(model, dim, version, key, index, seq, saved_seq=seq, from_snapshot=True)
+
+    def _diff_sync(self, mi: ModelIndex) -> None:
+        """Make ``mi`` equal PostgreSQL: add missing labels, delete vanished ones, take the feed position."""
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            pos = store.feed_position(conn, mi.model)
+            assert pos is not None
+            seq, version = pos
+            if version != mi.version:
+                raise _VersionChanged
+            in_pg = store.model_labels(conn, mi.model)
+            here = mi.index.labels()
+            missing = np.setdiff1d(in_pg, here, assume_unique=True)
+            batch = store.load_templates(conn, mi.model, mi.dim, version, labels=missing) if missing.size else None
+        gone = np.setdiff1d(here, in_pg, assume_unique=True)
+        if batch is not None:
+            mi.index.add(batch)
+        if gone.size:
+            mi.index.delete(gone)
+        mi.applied_seq = seq
+
+    def resync(self) -> None:
+        """After Redis returns (or a feed gap): re-anchor the stream, reload tombstones, diff every model."""
+        self._stream_id = self.feed.last_id()
+        self.add_tombstones(self.feed.all_tombstones() | self._erasing_labels())
+        for model in list(self.models):
+            self._resync_model(model)
+        self._needs_resync.clear()
+
+    def _resync_model(self, model: str) -> None:
+        with self._applied:
+            self._resync_model_locked(model)
+            self._applied.notify_all()
+
+    def _resync_model_locked(self, model: str) -> None:
+        mi = self.models[model]
+        try:
+            self._diff_sync(mi)
+        except _VersionChanged:
+            self.models[model] = self.warm(model)  # template key rotated: a fresh index, swapped at once
+            return
+        mi.index.delete(self.dead_labels())
+
+    def _erasing_labels(self) -> set[int]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT e.label FROM encodings e JOIN subjects s ON s.id = e.subject_id WHERE s.state <> 'active'"
+            ).fetchall()
+        return {int(r[0]) for r in rows}
+
+    # --- the follower thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set() and not self._warm_all():
+            self._stop.wait(1.0)
+        last_check = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                if self._paused.is_set():
+                    self._stop.wait(0.05)
+                    continue
+                if self._needs_resync.is_set():
+                    self.resync()
+                for msg in self.feed.read(self._stream_id or b"$", 500, self.dims):
+                    self._apply(msg)
+                    self._stream_id = msg.id
+                if time.monotonic() - last_check > self.config.resync_interval:
+                    last_check = time.monotonic()
+                    self._periodic()
+            except REDIS_ERRORS as exc:
+                self.last_error = f"redis: {exc}"
+                self._redis_down()
+                self._stop.wait(0.5)
+            except Exception as exc:  # keep following; PostgreSQL may be briefly down
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("index_follow_error", error=self.last_error)
+                self._needs_resync.set()
+                self._stop.wait(1.0)
+
+    def _warm_all(self) -> bool:
+        """Warm every model once; True when all are warm (retried each second otherwise)."""
+        started = time.perf_counter()
+        try:
+            if self._stream_id is None:
+                self._stream_id = self.feed.last_id()
+                self.add_tombstones(self.feed.all_tombstones())
+        except REDIS_ERRORS:
+            self._stream_id = None
+            self._needs_resync.set()  # follow from PostgreSQL's view once Redis is back
+        try:
+            self.add_tombstones(self._erasing_labels())
+            for model in self.dims:
+                if model not in self.models:
+                    self.models[model] = self.warm(model)
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("index_warm_failed", error=self.last_error)
+            return False
+        if any(not mi.from_snapshot and mi.index.kind == "hnsw" for mi in self.models.values()):
+            self.save_snapshots()  # before serving: a restart must never rebuild HNSW, and saving later would
+            # compete with matches for CPU (seconds at 1M)
+        self.warm_seconds = time.perf_counter() - started
+        self._ready.set()
+        return True
+
+    def offer(self, msg: FeedMessage, wait: float = 1.0) -> None:
+        """A change this process just committed: apply it now if it is next in sequence, else wait
+        (briefly) for the follower, so a client reading its own write through this worker sees it.
+        ``wait=0``: leave it to the follower (bulk enrolment must not wait on HNSW inserts)."""
+        if wait <= 0:
+            return
+        with self._applied:
+            mi = self.models.get(msg.model)
+            if mi is not None and msg.seq == mi.applied_seq + 1:
+                self._apply(msg)
+            self._applied.wait_for(lambda: (m := self.models.get(msg.model)) is None or m.applied_seq >= msg.seq,
+                                   timeout=wait)
+
+    def _apply(self, msg: FeedMessage) -> None:
+        with self._applied:
+            self._apply_locked(msg)
+            self._applied.notify_all()
+
+    def _apply_locked(self, msg: FeedMessage) -> None:
+        if msg.op == "tombstone":
+            self.add_tombstones(msg.labels)
+            return
+        mi = self.models.get(msg.model)
+        if mi is None or msg.seq <= mi.applied_seq:
+            return  # another model, or already in the warmed/snapshot state
+        if msg.seq != mi.applied_seq + 1 or msg.op == "rekey" or (msg.op == "add" and msg.version != mi.version):
+            self._resync_model(msg.model)  # missed a message, or the template key changed
+            return
+        if msg.op == "add" and msg.batch is not None:
+            batch = msg.batch
+            if self.dead:
+                batch = batch.take(~np.isin(batch.labels, self.dead_labels()))
+            mi.index.add(batch)
+        elif msg.op == "delete":
+            mi.index.delete(msg.labels)
+        mi.applied_seq = msg.seq
+        if mi.index.needs_rebuild():
+            threading.Thread(target=mi.index.rebuild, name=f"index-rebuild-{mi.model}", daemon=True).start()
+
+    def _periodic(self) -> None:
+        """Backstop for a lost publish: compare positions with PostgreSQL; save snapshots now and then."""
+        with self.pool.connection() as conn:
+            for model, mi in list(self.models.items()):
+                pos = store.feed_position(conn, model)
+                if pos is not None and (pos[0] > mi.applied_seq or pos[1] != mi.version):
+                    self._needs_resync.set()
+        self.save_snapshots(only_if_older_than=self.config.snapshot_interval)
+
+    # --- snapshots --------------------------------------------------------------------------
+    def snapshot_path(self, model: str) -> Path | None:
+        d = self.config.snapshot_dir
+        return None if d is None else Path(d) / f"{store.hnsw_index_name(model)}.snap"
+
+    def save_snapshots(self, only_if_older_than: float = 0.0) -> None:
+        for model, mi in list(self.models.items()):
+            path = self.snapshot_path(model)
+            if path is None or mi.saved_seq == mi.applied_seq or not len(mi.index):
+                continue
+            if only_if_older_than and path.exists() and time.time() - path.stat().st_mtime < only_if_older_than:
+                continue
+            try:
+                seq = mi.applied_seq
+                snapshot.save(path, mi.index, self._keys(), model=model, version=mi.version, feed_seq=seq)
+                mi.saved_seq = seq
+            except Exception as exc:
+                log.warning("snapshot_save_failed", model=model, error=f"{type(exc).__name__}: {exc}")
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": self.ready, "redis_ok": time.monotonic() >= self._redis_down_until,
+                "warm_seconds": self.warm_seconds,
+                "models": {m: {"size": len(mi.index), "kind": mi.index.kind, "version": mi.version,
+                               "seq": mi.applied_seq, "memory_bytes": mi.index.memory_bytes(),
+                               "from_snapshot": mi.from_snapshot} for m, mi in self.models.items()}}
+
+
+class _VersionChanged(Exception):
+    """The model's template version in PostgreSQL differs from the index's: reload instead of diffing."""
+
+
+class _faiss_threads:
+    """Warm-up may use every core; serving uses one OpenMP thread per search (threads come from uvicorn)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        faiss.omp_set_num_threads(self.n)  # this thread only (OpenMP ICVs are per thread)
+
+    def __exit__(self, *exc: object) -> None:
+        faiss.omp_set_num_threads(1)
+        single_threaded_search()
+

@@ -1,0 +1,296 @@
+"""Audit benchmark: sustained events/s of the batched writer, and /v1/match latency with and without
+20,000 audit events/s flowing through the same process's AuditLog (same run, alternating phases).
+
+    .venv/bin/python bench/audit.py [--seconds 8] [--rounds 3] [--rate 20000]
+
+Writes bench/results/audit.json. The API runs in this process (uvicorn in a thread) so the synthetic
+audit load shares its GIL and CPU exactly as match-path events would; the latency client is a
+separate process with one keep-alive connection, timing sequential requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import api_key, free_port, pct, settings_of, start_stack, write_result
+
+MODEL = "dlib-resnet-v1"
+DATA = Path("/work/shared/data/faces_dlib128.npz")
+
+
+def _event(i: int) -> Any:
+    from appliance.audit import AuditEvent
+
+    return AuditEvent("match", "apikey:bench", outcome="match", subject_id=uuid.uuid4(),
+                      request_id=uuid.uuid4().hex, details={"model": MODEL, "k": 5, "similarity": 0.93, "i": i})
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _postgres_cpu(var_dir: Path) -> float:
+    """CPU seconds used so far by this bench stack's PostgreSQL (its postmaster and every child)."""
+    import psutil
+
+    total = 0.0
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("postgres") and any(str(var_dir) in c for c in cmd):
+            for q in [p, *p.children(recursive=True)]:
+                try:
+                    t = q.cpu_times()
+                    total += t.user + t.system + t.children_user + t.children_system
+                except psutil.Error:
+                    continue
+    return total
+
+
+def writer_burst(pool: Any, n: int, var_dir: Path) -> dict[str, Any]:
+    """Submit n events as fast as one thread can; time until all are committed."""
+    from appliance.audit.log import BACKPRESSURE, AuditLog
+
+    log = AuditLog(pool, checkpoint_interval=0)
+    events = [_event(i) for i in range(n)]
+    bp0 = BACKPRESSURE._value.get()
+    cpu0, pg0, t0 = _cpu(), _postgres_cpu(var_dir), time.perf_counter()
+    for e in events:
+        log.submit(e)
+    assert log.flush(300)
+    dt = time.perf_counter() - t0
+    cpu, pg = _cpu() - cpu0, _postgres_cpu(var_dir) - pg0
+    log.stop(checkpoint=False)
+    return {"events": n, "seconds": round(dt, 3), "events_per_s": round(n / dt),
+            "app_cpu_us_per_event": round(cpu / n * 1e6, 1), "postgres_cpu_us_per_event": round(pg / n * 1e6, 1),
+            "events_per_s_per_2_cores_of_cpu": round(2 * n / (cpu + pg)),
+            "backpressure_waits": int(BACKPRESSURE._value.get() - bp0)}
+
+
+class Pacer:
+    """Submits ``rate`` events/s to an AuditLog in 10 ms ticks (a thread), counting what it submitted."""
+
+    def __init__(self, log: Any, rate: int) -> None:
+        self.log, self.rate = log, rate
+        self.stop = threading.Event()
+        self.submitted = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        events = [_event(i) for i in range(self.rate // 100)]
+        start = time.perf_counter()
+        tick = 0
+        while not self.stop.is_set():
+            for e in events:
+                self.log.submit(e)
+            self.submitted += len(events)
+            tick += 1
+            delay = start + tick * 0.01 - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+
+    def __enter__(self) -> Pacer:
+        self.t0 = time.perf_counter()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.seconds = time.perf_counter() - self.t0
+
+
+def writer_paced(pool: Any, rate: int, seconds: float) -> dict[str, Any]:
+    """Offer ``rate`` events/s for ``seconds``; report what was sustained (committed) and the back-pressure."""
+    from appliance.audit.log import BACKPRESSURE, AuditLog
+
+    log = AuditLog(pool, checkpoint_interval=0)
+    bp0 = BACKPRESSURE._value.get()
+    depth = 0
+    with Pacer(log, rate) as pacer:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            depth = max(depth, log.queue_depth)
+            time.sleep(0.05)
+    t0 = time.perf_counter()
+    assert log.flush(300)
+    total = pacer.seconds + (time.perf_counter() - t0)
+    log.stop(checkpoint=False)
+    return {"offered_per_s": rate, "submitted": pacer.submitted, "committed_per_s": round(pacer.submitted / total),
+            "drain_after_stop_s": round(time.perf_counter() - t0, 3), "max_queue_depth": depth,
+            "backpressure_waits": int(BACKPRESSURE._value.get() - bp0)}
+
+
+def _client(port: int, token: str, seconds: float, probe: list[float]) -> None:
+    """Latency client (run as a subprocess): sequential keep-alive POST /v1/match; prints ms per call."""
+    body = json.dumps({"model": MODEL, "embedding": probe, "k": 5}).encode()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    out = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        conn.request("POST", "/v1/match", body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        out.append((time.perf_counter() - t) * 1000)
+        if resp.status != 200:
+            raise SystemExit(f"match returned {resp.status}")
+    print(json.dumps(out))
+
+
+def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates: list[int]) -> dict[str, Any]:
+    import numpy as np
+    import uvicorn
+
+    from appliance.api.app import create_app
+    from appliance.audit.log import audit_log
+
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    state = app.state.appliance
+    assert state.extras["matcher"].wait_ready(300)
+    admin = api_key(stack, ["admin"], "bench-audit-admin")
+    data = np.load(DATA)
+    vectors, labels = data["vectors"].astype(np.float32), data["labels"]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    hdr = {"Authorization": f"Bearer {admin}", "Content-Type": "application/json"}
+    for person in np.unique(labels):
+        conn.request("POST", "/v1/subjects", body=json.dumps({"label": str(person)}), headers=hdr)
+        sid = json.loads(conn.getresponse().read())["id"]
+        conn.request("POST", f"/v1/subjects/{sid}/encodings", headers=hdr,
+                     body=json.dumps({"model": MODEL, "vectors": vectors[labels == person].tolist()}))
+        conn.getresponse().read()
+    time.sleep(1.0)  # the feed reaches the hot index
+    token = api_key(stack, ["match"], "bench-audit-match")
+    probe = vectors[0].tolist()
+
+    def run_client() -> list[float]:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        proc = subprocess.run([sys.executable, __file__, "--client", str(port), token, str(seconds), json.dumps(probe)],
+                              capture_output=True, text=True, env=env, timeout=seconds + 120)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-2000:])
+        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+    run_client()  # warm-up
+    log = audit_log(state)
+
+    def stats(xs: list[float]) -> dict[str, float]:
+        return {"n": len(xs), "p50_ms": round(pct(xs, 50), 3), "p99_ms": round(pct(xs, 99), 3),
+                "mean_ms": round(float(np.mean(xs)), 3)}
+
+    def compare(rate: int, external: bool) -> dict[str, Any]:
+        """Alternate phases without and with ``rate`` extra audit events/s (in this process or another)."""
+        base: list[float] = []
+        loaded: list[float] = []
+        offered = []
+        for _ in range(rounds):
+            base += run_client()
+            if external:
+                env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+                proc = subprocess.Popen([sys.executable, __file__, "--load", settings.database_url.get_secret_value(),
+                                         str(rate)], env=env, stdout=subprocess.PIPE, text=True)
+                time.sleep(1.0)
+                loaded += run_client()
+                proc.terminate()
+                offered.append(float((proc.communicate(timeout=60)[0].strip().splitlines() or ["0"])[-1]))
+            else:
+                with Pacer(log, rate) as pacer:
+                    loaded += run_client()
+                offered.append(pacer.submitted / pacer.seconds)
+        assert log.flush(120)
+        b, lo = stats(base), stats(loaded)
+        return {"without_audit_load": b, "with_audit_load": lo,
+                "audit_load_events_per_s": round(float(np.mean(offered))),
+                "p99_increase_pct": round((lo["p99_ms"] / b["p99_ms"] - 1) * 100, 1),
+                "p50_increase_pct": round((lo["p50_ms"] / b["p50_ms"] - 1) * 100, 1)}
+
+    out: dict[str, Any] = {"note": "every match also submits its own audit event in all phases; "
+                                   "in_process = the load shares the API process (its GIL), "
+                                   "other_process = the same load written by another process (CPU only)"}
+    for rate in rates:
+        out[f"in_process_{rate}"] = compare(rate, external=False)
+        print(rate, "in_process", out[f"in_process_{rate}"], flush=True)
+    out[f"other_process_{rates[0]}"] = compare(rates[0], external=True)
+    server.should_exit = True
+    thread.join(60)
+    return out
+
+
+def _load_process(dsn: str, rate: int) -> None:
+    """Run as a subprocess: offer ``rate`` events/s through its own AuditLog until SIGTERM; print the rate."""
+    import signal
+
+    from psycopg_pool import ConnectionPool
+
+    from appliance.audit.log import AuditLog
+
+    pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True)
+    log = AuditLog(pool, checkpoint_interval=0)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with Pacer(log, rate) as pacer:
+        done.wait()
+    print(round(pacer.submitted / pacer.seconds), flush=True)
+    os._exit(0)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--load":
+        _load_process(sys.argv[2], int(sys.argv[3]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        _client(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), json.loads(sys.argv[5]))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rate", type=int, default=20_000)
+    ap.add_argument("--burst", type=int, default=200_000)
+    ap.add_argument("--skip-match", action="store_true")
+    ap.add_argument("--skip-writer", action="store_true")
+    args = ap.parse_args()
+    from appliance.db.pool import open_pool
+
+    stack = start_stack("bench-audit")
+    settings = settings_of(stack)
+    result: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}
+    try:
+        pool = open_pool(settings, wait=True)
+        if not args.skip_writer:
+            result["writer_burst"] = writer_burst(pool, args.burst, Path(stack.var_dir))
+            print("burst", result["writer_burst"], flush=True)
+            result["writer_paced"] = writer_paced(pool, args.rate, args.seconds * 2)
+            print("paced", result["writer_paced"], flush=True)
+        pool.close()
+        if not args.skip_match:
+            rates = [args.rate, args.rate // 10]
+            result["match"] = match_latency(settings, stack, args.seconds, args.rounds, rates)
+            print("match", result["match"], flush=True)
+    finally:
+        result["load_avg_at_end"] = os.getloadavg()
+        stack.down()
+    print(write_result("audit", result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The audit log appends in the caller's transaction or through the batch writer, chained and sanitised."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from appliance.audit import AuditEvent
+from appliance.audit.chain import ZERO_HASH, header_hash, header_of, record_from_row
+
+
+def _chain_rows(conn, chain):  # type: ignore[no-untyped-def]
+    cur = conn.cursor(row_factory=dict_row)
+    return cur.execute("SELECT * FROM audit_log WHERE chain = %s ORDER BY seq", (chain,)).fetchall()
+
+
+def _assert_chained(rows) -> None:  # type: ignore[no-untyped-def]
+    prev = None
+    for row in rows:
+        rec = record_from_row(row)
+        assert header_hash(header_of(rec)).hex() == rec["hash"]
+        if prev is None:
+            assert (rec["seq"] == 1 and rec["prev_hash"] == ZERO_HASH.hex()) or rec["seq"] > 1
+        else:
+            assert rec["seq"] == prev["seq"] + 1 and rec["prev_hash"] == prev["hash"]
+        prev = rec
+
+
+def test_submitted_events_are_written_in_order_on_one_chain(audit, service_pool) -> None:
+    subject = uuid.uuid4()
+    for i in range(500):
+        audit.submit(AuditEvent("match", "apikey:test", outcome="match", subject_id=subject, details={"i": i}))
+    assert audit.flush(10)
+    with service_pool.connection() as conn:
+        rows = _chain_rows(conn, audit.chains["match"].name)
+    assert [r["details"]["i"] for r in rows] == list(range(500))
+    assert all(r["class"] == "match" for r in rows)
+    _assert_chained(rows)
+
+
+def test_record_commits_with_the_callers_transaction_and_vanishes_on_rollback(audit, service_pool) -> None:
+    marker = uuid.uuid4().hex
+    with service_pool.connection() as conn, conn.transaction():
+        audit.record(conn, AuditEvent("subject.create", "apikey:test", object_id="kept-" + marker))
+    with pytest.raises(RuntimeError), service_pool.connection() as conn, conn.transaction():
+        audit.record(conn, AuditEvent("subject.create", "apikey:test", object_id="gone-" + marker))
+        raise RuntimeError("the caller's write failed")
+    with service_pool.connection() as conn:
+        found = conn.execute("SELECT object_id FROM audit_log WHERE object_id LIKE %s", ("%" + marker,)).fetchall()
+    assert found == [("kept-" + marker,)]
+
+
+def test_concurrent_transactions_never_fork_a_transaction_chain(audit, service_pool) -> None:
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(25):
+                with service_pool.connection() as conn, conn.transaction():
+                    audit.record(conn, AuditEvent("subject.read", "apikey:test"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with service_pool.connection() as conn:
+        for i in range(8):
+            _assert_chained(_chain_rows(conn, f"tx:audit:{i}"))
+
+
+def test_sensitive_details_never_reach_the_log(audit, service_pool) -> None:
+    marker = uuid.uuid4().hex
+    audit.submit(AuditEvent("enrol", "apikey:test", object_id=marker, details={
+        "vector": [0.1] * 128, "token": "apl_abcdef123456_secret", "model": "dlib-resnet-v1",
+        "nested": {"dek": "x", "count": 3}, "note": "Bearer abc.def", "blob": b"\x00\x01",
+    }))
+    assert audit.flush(10)
+    with service_pool.connection() as conn:
+        (details,) = conn.execute("SELECT details FROM audit_log WHERE object_id = %s", (marker,)).fetchone()
+    assert details["model"] == "dlib-resnet-v1" and details["nested"] == {"count": 3}
+    text = str(details)
+    assert "apl_" not in text and "0.1" not in text and "Bearer" not in text
+    assert set(details["_redacted"]) >= {"vector", "token", "nested.dek", "note", "blob"}
+
+
+def test_service_role_cannot_update_delete_or_truncate_the_audit_trail(audit, settings, service_pool) -> None:
+    with service_pool.connection() as conn, conn.transaction():
+        audit.record(conn, AuditEvent("subject.read", "apikey:test"))
+    dsn = settings.database_url.get_secret_value()
+    for sql in ("UPDATE audit_log SET outcome = 'x'", "DELETE FROM audit_log", "TRUNCATE audit_log",
+                "TRUNCATE audit_log_default", "UPDATE audit_checkpoints SET kind = 'manual'",
+                "DELETE FROM audit_checkpoints", "DELETE FROM audit_heads"):
+        with psycopg.connect(dsn) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(sql)
+
+
+def test_even_the_owner_cannot_rewrite_audit_rows(audit, admin_dsn, service_pool) -> None:
+    with service_pool.connection() as conn, conn.transaction():
+        audit.record(conn, AuditEvent("subject.read", "apikey:test"))
+    for sql in ("UPDATE audit_log SET outcome = 'x'", "DELETE FROM audit_log", "TRUNCATE audit_log"):
+        with psycopg.connect(admin_dsn) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute(sql)
+        assert "append-only" in str(info.value)
+
+
+def test_a_full_queue_applies_back_pressure_and_counts_what_it_cannot_keep() -> None:
+    from psycopg_pool import ConnectionPool
+
+    from appliance.audit.log import BACKPRESSURE, DROPPED, AuditLog
+
+    unreachable = ConnectionPool("postgresql://nobody@127.0.0.1:1/none", min_size=0, max_size=1, open=True, timeout=0.2)
+    log = AuditLog(unreachable, queue_size=5, batch_max=1, block_seconds=0.2, flush_interval=0.01)
+    waited, dropped = BACKPRESSURE._value.get(), DROPPED._value.get()
+    try:
+        for _ in range(40):
+            log.submit(AuditEvent("match", "apikey:test"))
+        assert BACKPRESSURE._value.get() > waited
+        assert DROPPED._value.get() > dropped
+        assert log.queue_depth <= 5
+    finally:
+        log.stop(checkpoint=False, timeout=5)
+        unreachable.close()

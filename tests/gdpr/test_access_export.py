@@ -1,0 +1,50 @@
+"""The access export holds the subject's decrypted data and audit history, signed; it is itself audited."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+
+import numpy as np
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+
+def test_access_export_is_a_signed_zip_of_decrypted_data_and_history(gdpr_client, admin_headers, staff_headers,
+                                                                     make_subject, public_key_pem) -> None:
+    subject = make_subject(person=5, n=2)
+    r = gdpr_client.get(f"/v1/subjects/{subject['id']}/export", headers=admin_headers)
+    assert r.status_code == 200, r.text
+    zf = zipfile.ZipFile(io.BytesIO(r.content))
+    manifest_bytes = zf.read("manifest.json")
+    manifest = json.loads(manifest_bytes)
+    signature = json.loads(zf.read("signature.json"))
+    load_pem_public_key(public_key_pem).verify(bytes.fromhex(signature["signature"]), manifest_bytes)  # raises if bad
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256(zf.read(name)).hexdigest() == digest, name
+
+    meta = json.loads(zf.read("subject.json"))
+    assert meta["id"] == subject["id"] and meta["label"] == "Person 5"
+    encodings = json.loads(zf.read("encodings.json"))
+    assert sorted(e["id"] for e in encodings) == sorted(subject["encodings"])
+    got = np.array([e["vector"] for e in encodings], np.float32)
+    want = subject["vectors"] / np.linalg.norm(subject["vectors"], axis=1, keepdims=True)
+    sims = (got / np.linalg.norm(got, axis=1, keepdims=True)) @ want.T
+    assert np.allclose(np.sort(sims.max(axis=1)), 1.0, atol=1e-5)
+
+    media = json.loads(zf.read("media.json"))
+    photo = next(m for m in media if m["id"] == subject["media"]["id"])
+    content = zf.read(photo["file"])
+    assert content[:3] == b"\xff\xd8\xff" and hashlib.sha256(content).hexdigest() == subject["media"]["sha256"]
+
+    history = [json.loads(line) for line in zf.read("audit.jsonl").splitlines()]
+    actions = {h["action"] for h in history}
+    assert {"subject.create", "subject.export"} <= actions
+    assert all(h["subject_id"] == subject["id"] for h in history)
+
+
+def test_access_export_needs_the_admin_scope_and_a_known_subject(gdpr_client, staff_headers, admin_headers) -> None:
+    unknown = "00000000-0000-4000-8000-000000000001"
+    assert gdpr_client.get(f"/v1/subjects/{unknown}/export", headers=staff_headers).status_code == 403
+    assert gdpr_client.get(f"/v1/subjects/{unknown}/export", headers=admin_headers).status_code == 404

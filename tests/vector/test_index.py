@@ -1,0 +1,139 @@
+"""The hot index, matcher rules and snapshots, without servers (pure FAISS/NumPy and a local KEK)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vector import snapshot
+from vector.errors import InvalidVector, SnapshotError
+from vector.index import HotIndex, IndexParams
+from vector.matcher import best_per_subject, search_candidates
+from vector.store import TemplateBatch, uuids_to_bytes
+from vector.templates import as_matrix, from_float32_bytes
+
+DIM = 32
+
+
+def _batch(n: int, start: int = 1, per_subject: int = 1, seed: int = 0) -> TemplateBatch:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    subjects = [uuid.UUID(int=1 + i // per_subject) for i in range(n)]
+    return TemplateBatch(np.arange(start, start + n, dtype=np.int64), uuids_to_bytes(subjects),
+                         uuids_to_bytes([uuid.uuid4() for _ in range(n)]), x)
+
+
+@pytest.mark.parametrize("exact_max", [10_000, 100], ids=["exact", "hnsw"])
+def test_search_finds_each_vector_itself_and_never_a_deleted_label(exact_max: int) -> None:
+    batch = _batch(500)
+    index = HotIndex.build(DIM, batch, IndexParams(exact_max=exact_max, ef_search=64))
+    assert index.kind == ("exact" if exact_max > 500 else "hnsw")
+    hits = index.search(batch.templates[:50], 1)
+    assert (hits.labels[:, 0] == batch.labels[:50]).mean() >= 0.98
+    assert index.delete(batch.labels[:50]) == 50
+    hits = index.search(batch.templates[:50], 5)
+    assert not np.isin(hits.labels, batch.labels[:50]).any()
+    assert len(index) == 450
+
+
+def test_rebuild_compacts_deleted_and_switches_to_hnsw_past_the_exact_limit() -> None:
+    index = HotIndex(DIM, IndexParams(exact_max=300, rebuild_dead_fraction=0.05))
+    index.add(_batch(400))
+    assert index.kind == "exact" and index.needs_rebuild()
+    index.delete(list(range(1, 101)))
+    index.rebuild()
+    assert index.kind == "exact" and len(index) == 300 and index.dead_count == 0
+    index.add(_batch(200, start=1000, seed=1))
+    index.rebuild()
+    assert index.kind == "hnsw" and len(index) == 500
+    assert set(index.labels()) == set(range(101, 401)) | set(range(1000, 1200))
+
+
+def test_searches_run_while_a_writer_adds() -> None:
+    index = HotIndex(DIM, IndexParams(exact_max=50))
+    index.add(_batch(200))
+    index.rebuild()
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def searcher() -> None:
+        q = _batch(8, seed=9).templates
+        while not stop.is_set():
+            try:
+                hits = index.search(q, 3)
+                assert (hits.labels >= 1).all()
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=searcher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(20):
+        index.add(_batch(50, start=10_000 + 50 * i, seed=100 + i))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors and len(index) == 1200
+
+
+def test_candidates_are_one_per_subject_best_first_without_tombstones() -> None:
+    batch = _batch(60, per_subject=6)  # 10 subjects x 6 encodings
+    index = HotIndex.build(DIM, batch)
+    q = batch.templates[:1]
+    dead = {int(batch.labels[0])}
+    [cands] = search_candidates(lambda w: index.search(q, w), 1, 5, len(index), dead, oversample=1)
+    assert len(cands) == 5
+    assert len({c.subject_id for c in cands}) == 5
+    assert all(c.label not in dead for c in cands)
+    assert [c.similarity for c in cands] == sorted((c.similarity for c in cands), reverse=True)
+    hits = index.search(q, 60)
+    all_cands, exhausted = best_per_subject(hits, 0, 100, set())
+    assert exhausted and len(all_cands) == 10
+
+
+@pytest.mark.parametrize("bad", [[1.0] * 31, [float("nan")] + [1.0] * 31, [float("inf")] + [1.0] * 31, [0.0] * 32,
+                                 [[1.0] * 32, [0.0] * 32], "text"],
+                         ids=["wrong-dim", "nan", "inf", "zero", "zero-in-batch", "not-numbers"])
+def test_invalid_embeddings_are_rejected(bad: object) -> None:
+    with pytest.raises(InvalidVector):
+        as_matrix(bad, DIM)
+
+
+def test_raw_float32_body_must_hold_whole_vectors() -> None:
+    x = np.ones((3, DIM), "<f4")
+    assert from_float32_bytes(x.tobytes(), DIM).shape == (3, DIM)
+    with pytest.raises(InvalidVector):
+        from_float32_bytes(x.tobytes()[:-4], DIM)
+    with pytest.raises(InvalidVector):
+        as_matrix(np.full(DIM, 1e39), DIM)  # overflows float32 to inf
+
+
+def test_snapshot_round_trips_and_rejects_tampering(tmp_path: Path) -> None:
+    from crypto.providers.local import LocalFileProvider
+
+    provider = LocalFileProvider(tmp_path / "keys")
+    batch = _batch(300)
+    index = HotIndex.build(DIM, batch, IndexParams(exact_max=100))
+    index.delete([5, 6])
+    path = tmp_path / "idx.snap"
+    snapshot.save(path, index, provider, model="m", version=2, feed_seq=77)
+    loaded, meta = snapshot.load(path, provider, IndexParams(exact_max=100))
+    assert (meta["feed_seq"], meta["version"], loaded.kind) == (77, 2, "hnsw")
+    assert sorted(loaded.labels()) == sorted(index.labels())
+    assert raw_not_in_file(path, batch)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError):
+        snapshot.load(path, provider)
+
+
+def raw_not_in_file(path: Path, batch: TemplateBatch) -> bool:
+    """The snapshot is sealed: no template's bytes appear in the clear."""
+    blob = path.read_bytes()
+    return all(batch.templates[i].tobytes()[:32] not in blob for i in range(0, len(batch), 50))

@@ -1,0 +1,191 @@
+"""The template store: protected templates in pgvector, PostgreSQL being the source of truth.
+
+Bulk paths use binary COPY both ways: enrolment copies rows in, warm-up streams every template of a
+model out and parses the fixed-width binary rows with NumPy (no per-row Python), so 1M templates load
+in seconds. ``search`` is the cold path (and the benchmark peer) over the per-model HNSW index.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+_PGCOPY_HEADER = 19  # signature (11) + flags (4) + header extension length (4)
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_model_name(model: str) -> str:
+    """Model names end up as SQL literals in partial-index predicates: allow a safe alphabet only."""
+    if not _MODEL_RE.match(model):
+        raise ValueError(f"invalid model name {model!r}")
+    return model
+
+
+@dataclass
+class TemplateBatch:
+    """Rows of one model as parallel arrays (what the hot index and the feed carry)."""
+
+    labels: np.ndarray  # int64 (n,)
+    subjects: np.ndarray  # uint8 (n, 16): subject uuid bytes
+    encodings: np.ndarray  # uint8 (n, 16): encoding uuid bytes
+    templates: np.ndarray  # float32 (n, dim), unit norm
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @classmethod
+    def empty(cls, dim: int) -> TemplateBatch:
+        return cls(np.empty(0, np.int64), np.empty((0, 16), np.uint8), np.empty((0, 16), np.uint8),
+                   np.empty((0, dim), np.float32))
+
+    @classmethod
+    def concat(cls, parts: list[TemplateBatch], dim: int) -> TemplateBatch:
+        if not parts:
+            return cls.empty(dim)
+        return cls(np.concatenate([p.labels for p in parts]), np.concatenate([p.subjects for p in parts]),
+                   np.concatenate([p.encodings for p in parts]), np.concatenate([p.templates for p in parts]))
+
+    def take(self, mask_or_index: np.ndarray) -> TemplateBatch:
+        return TemplateBatch(self.labels[mask_or_index], self.subjects[mask_or_index],
+                             self.encodings[mask_or_index], self.templates[mask_or_index])
+
+
+def uuids_to_bytes(ids: list[uuid.UUID]) -> np.ndarray:
+    return np.frombuffer(b"".join(u.bytes for u in ids), dtype=np.uint8).reshape(-1, 16)
+
+
+def _row_dtype(dim: int) -> np.dtype:
+    """One binary COPY row of (label int8, subject_id uuid, id uuid, template vector(dim))."""
+    return np.dtype([
+        ("nfields", ">i2"), ("l_label", ">i4"), ("label", ">i8"), ("l_subject", ">i4"), ("subject", "V16"),
+        ("l_enc", ">i4"), ("enc", "V16"), ("l_vec", ">i4"), ("vdim", ">i2"), ("vunused", ">i2"),
+        ("vec", ">f4", (dim,)),
+    ])
+
+
+def load_templates(
+    conn: psycopg.Connection, model: str, dim: int, version: int, column: str = "template",
+    labels: np.ndarray | None = None,
+) -> TemplateBatch:
+    """Stream the protected templates of one model and version out of PostgreSQL with binary COPY.
+
+    ``labels`` restricts the load to those labels (re-sync of a few missing rows).
+    """
+    dtype = _row_dtype(dim)
+    where = sql.SQL("model = {} AND template_version = {}").format(sql.Literal(model), sql.Literal(version))
+    if labels is not None:
+        where = sql.SQL("{} AND label = ANY({})").format(where, sql.Literal([int(x) for x in labels]))
+    query = sql.SQL("COPY (SELECT label, subject_id, id, {}::vector({}) FROM encodings WHERE {}) "
+                    "TO STDOUT (FORMAT BINARY)").format(sql.Identifier(column), sql.Literal(dim), where)
+    parts: list[np.ndarray] = []
+    buf = bytearray()
+    skipped_header = False
+    with conn.cursor() as cur, cur.copy(query) as copy:
+        for chunk in copy:
+            buf += chunk
+            if not skipped_header:
+                if len(buf) < _PGCOPY_HEADER:
+                    continue
+                del buf[:_PGCOPY_HEADER]
+                skipped_header = True
+            whole = (len(buf) // dtype.itemsize) * dtype.itemsize
+            if whole >= 4 << 20:
+                parts.append(np.frombuffer(bytes(buf[:whole]), dtype=dtype))
+                del buf[:whole]
+    whole = (len(buf) // dtype.itemsize) * dtype.itemsize
+    if whole:
+        parts.append(np.frombuffer(bytes(buf[:whole]), dtype=dtype))
+    if not parts:
+        return TemplateBatch.empty(dim)
+    rows = np.concatenate(parts)
+    return TemplateBatch(
+        labels=rows["label"].astype(np.int64),
+        subjects=np.frombuffer(rows["subject"].tobytes(), np.uint8).reshape(-1, 16),
+        encodings=np.frombuffer(rows["enc"].tobytes(), np.uint8).reshape(-1, 16),
+        templates=np.ascontiguousarray(rows["vec"], dtype=np.float32),
+    )
+
+
+def model_labels(conn: psycopg.Connection, model: str) -> np.ndarray:
+    """Every label of a model, for the diff-based re-sync (8 bytes a row)."""
+    rows = conn.execute("SELECT label FROM encodings WHERE model = %s", (model,)).fetchall()
+    return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+
+def allocate_labels(conn: psycopg.Connection, n: int) -> np.ndarray:
+    rows = conn.execute("SELECT nextval('encoding_label_seq') FROM generate_series(1, %s)", (n,)).fetchall()
+    return np.array([r[0] for r in rows], dtype=np.int64)
+
+
+def copy_encodings(
+    conn: psycopg.Connection, ids: list[uuid.UUID], labels: np.ndarray, subject_ids: list[uuid.UUID],
+    model: str, version: int, sealed: list[bytes], templates: np.ndarray, templates_next: np.ndarray | None = None,
+) -> None:
+    """Insert encodings with binary COPY (the caller's transaction holds the matching audit records).
+
+    ``templates_next``: during a template-key rotation, the template under the pending version too.
+    """
+    with conn.cursor() as cur, cur.copy(
+        "COPY encodings (id, label, subject_id, model, template_version, raw_sealed, template, template_next) "
+        "FROM STDIN (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types(["uuid", "int8", "uuid", "text", "int4", "bytea", "vector", "vector"])
+        for i in range(len(ids)):
+            nxt = templates_next[i] if templates_next is not None else None
+            copy.write_row((ids[i], int(labels[i]), subject_ids[i], model, version, sealed[i], templates[i], nxt))
+
+
+def next_feed_seq(conn: psycopg.Connection, model: str) -> tuple[int, int, int | None]:
+    """Take the model's feed row lock (held to commit); returns (feed_seq, template_version, rotating_to).
+
+    Take it last in a write transaction: it serialises the writers of one model for their final
+    statements only, and makes feed_seq follow commit order.
+    """
+    row = conn.execute(
+        "UPDATE index_state SET feed_seq = feed_seq + 1, updated_at = now() WHERE model = %s "
+        "RETURNING feed_seq, template_version, rotating_to",
+        (model,),
+    ).fetchone()
+    if row is None:
+        raise LookupError(f"model {model!r} has no index_state row")
+    return int(row[0]), int(row[1]), (int(row[2]) if row[2] is not None else None)
+
+
+def feed_position(conn: psycopg.Connection, model: str) -> tuple[int, int] | None:
+    row = conn.execute("SELECT feed_seq, template_version FROM index_state WHERE model = %s", (model,)).fetchone()
+    return (int(row[0]), int(row[1])) if row else None
+
+
+def hnsw_index_name(model: str) -> str:
+    return "encodings_hnsw_" + re.sub(r"[^a-z0-9]+", "_", check_model_name(model).lower())
+
+
+def ensure_hnsw_index(conn: psycopg.Connection, model: str, dim: int, m: int = 16, ef_construction: int = 64) -> None:
+    """Create the model's partial HNSW index if missing (owner role: the service role cannot)."""
+    conn.execute(sql.SQL(
+        "CREATE INDEX IF NOT EXISTS {} ON encodings USING hnsw ((template::vector({})) vector_ip_ops) "
+        "WITH (m = {}, ef_construction = {}) WHERE model = {}"
+    ).format(sql.Identifier(hnsw_index_name(model)), sql.Literal(dim), sql.Literal(m), sql.Literal(ef_construction),
+             sql.Literal(check_model_name(model))))
+
+
+def search(
+    conn: psycopg.Connection, model: str, dim: int, template: np.ndarray, k: int, ef_search: int = 64,
+) -> list[tuple[int, uuid.UUID, uuid.UUID, float]]:
+    """Cold-path top-k by inner product through pgvector HNSW: (label, subject_id, encoding_id, similarity).
+
+    The model is inlined as a literal so the planner can match the partial index predicate.
+    """
+    query = sql.SQL(
+        "SELECT label, subject_id, id, -((template::vector({d})) <#> %(q)s::vector({d})) FROM encodings "
+        "WHERE model = {m} ORDER BY (template::vector({d})) <#> %(q)s::vector({d}) LIMIT %(k)s"
+    ).format(d=sql.Literal(dim), m=sql.Literal(check_model_name(model)))
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search))))
+        rows = conn.execute(query, {"q": np.asarray(template, np.float32), "k": k}).fetchall()
+    return [(int(r[0]), r[1], r[2], float(r[3])) for r in rows]
