@@ -5,6 +5,10 @@ dump sealed with ``crypto.stream`` under a fresh DEK; the DEK, wrapped by the KE
 object's metadata, so restoring needs only the object store and the key provider (Vault), not the
 lost database. Memory stays flat: the dump is piped, sealed segment by segment and uploaded in parts.
 
+Erasure and backups: a backup taken before an erasure still holds the subject's wrapped key. Every
+erasure therefore leaves a ledger object ``erasures/<subject id>`` (ids only) in the backup bucket,
+and every restore re-erases the subjects listed there before the database is used.
+
 RPO is the timer interval (nightly by default); RTO is download + ``pg_restore`` (minutes for a
 site-sized database) plus the index warm-up of ``appliance serve``.
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
+import json
 import os
 import shutil
 import subprocess
@@ -32,6 +38,7 @@ from crypto.providers.base import KeyProvider
 from crypto.seal import aad, new_dek
 
 PREFIX = "backups/"
+LEDGER_PREFIX = "erasures/"
 PART_SIZE = 16 * 1024 * 1024
 READ_SIZE = 1024 * 1024
 
@@ -202,7 +209,49 @@ def restore_backup(dsn: str, s3: Minio, bucket: str, keys: KeyProvider, key: str
     stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.wait() != 0:
         raise BackupError(f"pg_restore failed: {stderr.strip()[-500:]}")
+    replay_erasures(dsn, erased_subjects(s3, bucket))
     return key
+
+
+def record_erasure(s3: Minio, bucket: str, subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
+    """Note an erased subject beside the backups (ids only, no personal data); idempotent."""
+    ensure_bucket(s3, bucket)
+    key = f"{LEDGER_PREFIX}{subject_id}"
+    body = json.dumps({"subject_id": str(subject_id), "erasure_job": str(job_id)}).encode()
+    s3.put_object(bucket, key, io.BytesIO(body), len(body), content_type="application/json")
+    return key
+
+
+def erased_subjects(s3: Minio, bucket: str) -> list[uuid.UUID]:
+    if not s3.bucket_exists(bucket):
+        return []
+    out = []
+    for obj in s3.list_objects(bucket, prefix=LEDGER_PREFIX, recursive=True):
+        name = (obj.object_name or "").removeprefix(LEDGER_PREFIX)
+        try:
+            out.append(uuid.UUID(name))
+        except ValueError:
+            continue
+    return out
+
+
+def replay_erasures(dsn: str, subject_ids: list[uuid.UUID]) -> int:
+    """After a restore: re-erase subjects erased since the backup was taken (their wrapped keys were
+    still in it). Object versions were already deleted by the original erasure; rows go here."""
+    if not subject_ids:
+        return 0
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        present = [r[0] for r in conn.execute(
+            "SELECT id FROM subjects WHERE id = ANY(%s) AND (state <> 'erased' OR id IN "
+            "(SELECT subject_id FROM subject_keys))", (subject_ids,)).fetchall()]
+        if present:
+            conn.execute("DELETE FROM encodings WHERE subject_id = ANY(%s)", (present,))
+            conn.execute("DELETE FROM media WHERE subject_id = ANY(%s)", (present,))
+            conn.execute("DELETE FROM subject_keys WHERE subject_id = ANY(%s)", (present,))
+            conn.execute("""UPDATE subjects SET state = 'erased', label_sealed = NULL, external_ref = NULL,
+                                   erased_at = coalesce(erased_at, now()), updated_at = now()
+                            WHERE id = ANY(%s)""", (present,))
+    return len(present)
 
 
 def _remove_all_versions(s3: Minio, bucket: str, key: str) -> None:

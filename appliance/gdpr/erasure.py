@@ -41,8 +41,8 @@ from appliance.logs import get_logger
 
 log = get_logger(__name__)
 
-STEPS = ("mark_erasing", "tombstone", "delete_data", "purge_index", "shred_key", "evict_keys", "vacuum",
-         "mark_erased", "receipt")
+STEPS = ("mark_erasing", "tombstone", "delete_data", "purge_index", "shred_key", "record_ledger", "evict_keys",
+         "vacuum", "mark_erased", "receipt")
 VACUUM_TABLES = ("encodings", "media", "subject_keys", "subjects")
 LOCK_NAMESPACE = 0x45524153  # "ERAS"
 
@@ -225,6 +225,15 @@ def _shred_key(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> Non
         _complete(conn, job, progress, "shred_key", **facts)
 
 
+def _record_ledger(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+    """Backups taken before this erasure still hold the wrapped key: the ledger makes restores re-erase."""
+    from appliance.backup import record_erasure
+
+    key = record_erasure(state.s3, state.settings.s3_backup_bucket, job["subject_id"], job["id"])
+    with state.pool.connection() as conn, conn.transaction():
+        _complete(conn, job, progress, "record_ledger", ledger_object=key)
+
+
 def _evict_keys(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
     state.subject_keys.evict(job["subject_id"])
     with state.pool.connection() as conn, conn.transaction():
@@ -301,6 +310,7 @@ _STEP_FUNCS: dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], None]] = 
     "delete_data": _delete_data,
     "purge_index": _purge_index,
     "shred_key": _shred_key,
+    "record_ledger": _record_ledger,
     "evict_keys": _evict_keys,
     "vacuum": _vacuum,
     "mark_erased": _mark_erased,
