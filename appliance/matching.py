@@ -73,16 +73,15 @@ class ServiceConfig:
 
     @classmethod
     def from_settings(cls, settings: Any) -> ServiceConfig:
-        g = lambda name, default: getattr(settings, name, default)  # noqa: E731 - settings may predate these
         return cls(
             params=IndexParams(
-                exact_max=g("index_exact_max", 20_000), hnsw_m=g("index_hnsw_m", 16),
-                ef_construction=g("index_hnsw_ef_construction", 40), ef_search=g("index_hnsw_ef_search", 96),
-                rebuild_dead_fraction=g("index_rebuild_dead_fraction", 0.1),
+                exact_max=settings.index_exact_max, hnsw_m=settings.index_hnsw_m,
+                ef_construction=settings.index_hnsw_ef_construction, ef_search=settings.index_hnsw_ef_search,
+                rebuild_dead_fraction=settings.index_rebuild_dead_fraction,
             ),
-            snapshot_dir=g("index_snapshot_dir", None) or Path(settings.var_dir) / "index",
-            snapshot_interval=g("index_snapshot_interval", 300.0),
-            resync_interval=g("index_resync_interval", 30.0),
+            snapshot_dir=settings.index_snapshot_dir or Path(settings.var_dir) / "index",
+            snapshot_interval=settings.index_snapshot_interval,
+            resync_interval=settings.index_resync_interval,
         )
 
 

@@ -32,7 +32,7 @@ class ModelSpec(BaseModel):
 
 DEFAULT_MODELS: dict[str, ModelSpec] = {
     # Threshold chosen from ../shared/data/faces_dlib128.npz (see README, "Choosing thresholds").
-    "dlib-resnet-v1": ModelSpec(dim=128, threshold=0.93),
+    "dlib-resnet-v1": ModelSpec(dim=128, threshold=0.94),
     "arcface-r100": ModelSpec(dim=512, threshold=0.40),
 }
 
@@ -76,6 +76,18 @@ class Settings(BaseSettings):
     s3_bucket: str = "appliance-media"
     s3_backup_bucket: str = "appliance-backups"
     s3_timeout: float = Field(default=5.0, gt=0)
+
+    # --- hot index and enrolment ---
+    index_exact_max: int = Field(default=20_000, ge=0)
+    index_hnsw_m: int = Field(default=16, ge=4, le=128)
+    index_hnsw_ef_construction: int = Field(default=40, ge=8)
+    index_hnsw_ef_search: int = Field(default=96, ge=8)
+    index_rebuild_dead_fraction: float = Field(default=0.1, gt=0, lt=1)
+    index_snapshot_dir: Path | None = None
+    index_snapshot_interval: float = Field(default=300.0, gt=0)
+    index_resync_interval: float = Field(default=30.0, gt=0)
+    bulk_chunk_size: int = Field(default=1000, ge=1, le=10_000)
+    bulk_max_body_bytes: int = Field(default=2 << 30, gt=0)
 
     # --- media ---
     media_max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)

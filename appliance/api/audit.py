@@ -64,7 +64,7 @@ def public_key(_: AuditKey, state: StateDep) -> PlainTextResponse:
 def _start(state: Any) -> None:
     audit = audit_log(state)
     try:
-        audit.ensure_partitions(int(getattr(state.settings, "audit_partitions_ahead", 3)))
+        audit.ensure_partitions(int(state.settings.audit_partitions_ahead))
     except Exception as exc:  # PostgreSQL may be down at start; the default partition catches rows meanwhile
         log.warning("audit: could not ensure partitions", error=str(exc))
     audit.start()

@@ -116,7 +116,7 @@ async def bulk_encodings(
     if ctype not in ("application/x-ndjson", "application/jsonl", "application/json-seq", "text/plain"):
         raise UnsupportedMediaType("send application/x-ndjson")
     job = BulkEnrolment(state, idempotency_key, key.actor, getattr(request.state, "request_id", None),
-                        chunk_size=getattr(state.settings, "bulk_chunk_size", 1000))
+                        chunk_size=state.settings.bulk_chunk_size)
     await run_in_threadpool(job.begin)
     committing: asyncio.Future[None] | None = None  # the previous chunk's commit, overlapping our parsing
     rest = b""
@@ -138,4 +138,4 @@ async def bulk_encodings(
 
 def register(app: FastAPI) -> None:
     app.include_router(router)
-    app.state.body_limits["/v1/encodings:bulk"] = getattr(app.state, "bulk_max_body_bytes", 2 << 30)
+    app.state.body_limits["/v1/encodings:bulk"] = app.state.settings.bulk_max_body_bytes

@@ -24,13 +24,13 @@ from appliance.audit import AuditEvent
 from appliance.audit.log import audit_log
 from appliance.auth import ApiKey
 from appliance.logs import get_logger
-from appliance.settings import Settings, get_settings
+from appliance.settings import Settings
 from crypto.dek_cache import DekCache
 from media.errors import MediaError, StoreUnavailable
 from media.records import AuditHook, MediaRow
 from media.retention import Retention
 from media.service import Limits, MediaService, UploadMeta
-from media.store import MIN_PART_SIZE, MediaStore
+from media.store import MediaStore
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1/media", tags=["media"])
@@ -179,26 +179,24 @@ def delete_media(media_id: uuid.UUID, request: Request, key: MediaKey, state: St
 
 # --- wiring ------------------------------------------------------------------------------------
 def media_limits(settings: Settings) -> Limits:
-    d = Limits()
     return Limits(
-        image_bytes=int(getattr(settings, "media_max_image_bytes", d.image_bytes)),
-        clip_bytes=int(getattr(settings, "media_max_clip_bytes", d.clip_bytes)),
-        image_pixels=int(getattr(settings, "media_max_image_pixels", d.image_pixels)),
+        image_bytes=int(settings.media_max_image_bytes),
+        clip_bytes=int(settings.media_max_clip_bytes),
+        image_pixels=int(settings.media_max_image_pixels),
     )
 
 
 def media_retention(settings: Settings) -> Retention:
-    d = Retention()
     return Retention(
-        image_days=getattr(settings, "media_retention_image_days", d.image_days),
-        clip_days=getattr(settings, "media_retention_clip_days", d.clip_days),
-        enrolment_days=getattr(settings, "media_retention_enrolment_days", d.enrolment_days),
+        image_days=settings.media_retention_image_days,
+        clip_days=settings.media_retention_clip_days,
+        enrolment_days=settings.media_retention_enrolment_days,
     )
 
 
 def build_service(state: AppState) -> MediaService:
     s = state.settings
-    store = MediaStore(state.s3, s.s3_bucket, int(getattr(s, "media_part_size", MIN_PART_SIZE)))
+    store = MediaStore(state.s3, s.s3_bucket, int(s.media_part_size))
     return MediaService(store, state.pool, state, media_limits(s), media_retention(s),
                         DekCache(s.dek_cache_size, s.dek_cache_ttl))
 
@@ -299,7 +297,7 @@ async def _media_problem(request: Request, exc: Exception) -> Response:
 
 
 def register(app: FastAPI) -> None:
-    settings = getattr(app.state, "settings", None) or get_settings()
+    settings = app.state.settings
     app.include_router(router)
     app.add_exception_handler(MediaError, _media_problem)
     app.state.startup_hooks.append(_start)

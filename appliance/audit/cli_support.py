@@ -32,5 +32,5 @@ def record_cli_event(
                        object_id=object_id, details=details or {})
     with psycopg.connect(settings.database_url.get_secret_value(),
                          connect_timeout=int(settings.db_connect_timeout) or 1) as conn:
-        record_event(conn, event, getattr(settings, "audit_tx_chains", 8))
+        record_event(conn, event, settings.audit_tx_chains)
         conn.commit()

@@ -429,11 +429,11 @@ def new_audit_log(state: Any) -> AuditLog:
     return AuditLog(
         state.pool,
         keys=lambda: state.keys,
-        queue_size=getattr(s, "audit_queue_size", 100_000),
-        batch_max=getattr(s, "audit_batch_max", 5_000),
-        flush_interval=getattr(s, "audit_flush_interval", 0.2),
-        block_seconds=getattr(s, "audit_block_seconds", 0.25),
-        tx_chains=getattr(s, "audit_tx_chains", 8),
-        match_actions=frozenset(getattr(s, "audit_match_actions", DEFAULT_MATCH_ACTIONS)),
-        checkpoint_interval=getattr(s, "audit_checkpoint_interval", 60.0),
+        queue_size=s.audit_queue_size,
+        batch_max=s.audit_batch_max,
+        flush_interval=s.audit_flush_interval,
+        block_seconds=s.audit_block_seconds,
+        tx_chains=s.audit_tx_chains,
+        match_actions=frozenset(s.audit_match_actions),
+        checkpoint_interval=s.audit_checkpoint_interval,
     )

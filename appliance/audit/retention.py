@@ -37,9 +37,9 @@ class RetentionPolicy:
     @classmethod
     def from_settings(cls, settings: Any) -> RetentionPolicy:
         return cls(
-            match_days=int(getattr(settings, "audit_match_retention_days", 90)),
-            audit_days=int(getattr(settings, "audit_retention_days", 365)),
-            partitions_ahead=int(getattr(settings, "audit_partitions_ahead", 3)),
+            match_days=int(settings.audit_match_retention_days),
+            audit_days=int(settings.audit_retention_days),
+            partitions_ahead=int(settings.audit_partitions_ahead),
         )
 
 

@@ -103,3 +103,35 @@ def _audit(settings, action: str, object_id: str) -> None:  # type: ignore[no-un
     from appliance.audit.cli_support import record_cli_event
 
     record_cli_event(settings, action=action, object_id=object_id)
+
+
+@app.command("rotate-template")
+def rotate_template(
+    model: Annotated[str, typer.Option(help="Model whose template key to rotate, e.g. dlib-resnet-v1.")],
+    batch_size: Annotated[int, typer.Option(min=1, max=10_000)] = 1000,
+) -> None:
+    """New template-key version for MODEL: re-protect every template from its sealed raw vector
+    (batched, resumable — just run it again after a crash), then swap every worker's index atomically."""
+    from appliance.api.state import AppState
+    from appliance.audit.cli_support import cli_actor
+    from appliance.cli import _settings
+    from appliance.index_admin import rotate_template_key
+
+    settings = _settings()
+    if model not in settings.models:
+        typer.secho(f"unknown model {model!r}; configured: {', '.join(settings.models)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    state = AppState.build(settings)
+    try:
+        with typer.progressbar(length=1, label=f"re-protect {model}") as bar:
+            seen = [0]
+
+            def progress(done: int, total: int) -> None:
+                bar.length = max(total, 1)
+                bar.update(done - seen[0])
+                seen[0] = done
+
+            result = rotate_template_key(state, model, batch_size=batch_size, progress=progress, actor=cli_actor())
+    finally:
+        state.close()
+    typer.echo(f"{model}: {result}" if result is not None else f"{model}: no encodings to re-protect")
