@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,14 +47,20 @@ def public_key_pem(gdpr_client, make_key) -> bytes:  # type: ignore[no-untyped-d
 
 
 @pytest.fixture
-def make_subject(gdpr_client, staff_headers, faces) -> Callable[..., dict[str, Any]]:  # type: ignore[no-untyped-def]
-    """A subject with a label, ``n`` encodings of one real person and optionally one photo."""
+def make_subject(gdpr_client, staff_headers, faces, make_key):  # type: ignore[no-untyped-def]
+    """A subject with a label, ``n`` encodings of one real person and optionally one photo.
+
+    Every subject made here is erased at teardown (idempotent if the test erased it already), so the
+    real faces do not linger in the shared index and confuse other tests' rank-1 checks.
+    """
+    created: list[str] = []
 
     def make(person: int = 0, n: int = 3, photo: bool = True) -> dict[str, Any]:
         r = gdpr_client.post("/v1/subjects", json={"label": f"Person {person}", "external_ref": uuid.uuid4().hex},
                              headers=staff_headers)
         assert r.status_code == 201, r.text
         sid = r.json()["id"]
+        created.append(sid)
         labels = faces["labels"]
         idx = np.flatnonzero(labels == np.unique(labels)[person])[:n]
         vectors = faces["vectors"][idx]
@@ -73,7 +78,10 @@ def make_subject(gdpr_client, staff_headers, faces) -> Callable[..., dict[str, A
             media = r.json()
         return {"id": sid, "vectors": vectors, "encodings": encodings, "media": media}
 
-    return make
+    yield make
+    admin = make_key("admin", name="gdpr-cleanup")
+    for sid in created:
+        gdpr_client.delete(f"/v1/subjects/{sid}", headers=admin)
 
 
 def holdings(admin_dsn: str, subject_id: str) -> dict[str, Any]:
