@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export APPLIANCE_VAR_DIR ?= var
 
-.PHONY: install up down status test test-fast lint bench openapi clean
+.PHONY: install up down status test lint deploy-tools deploy-lint deploy-check deploy-test openapi clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,12 +27,34 @@ down: $(STAMP)
 status: $(STAMP)
 	$(BIN)/appliance stack status
 
-test: $(STAMP)
+## Everything CI runs: ruff, the deployment's static checks, then the whole suite against real servers.
+test: $(STAMP) deploy-tools
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory deploy-lint
+	DEPLOY_CHECK_REQUIRE_SYSTEMD=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+## systemd-analyze is needed to verify the units (Debian's systemd package; installed when missing).
+deploy-tools:
+	@command -v systemd-analyze >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    apt-get install -qqy --no-install-recommends systemd >/dev/null; }
+
+## ansible-lint (production profile, offline) and the playbook's syntax check.
+deploy-lint: $(STAMP)
+	cd ansible && PATH="$(CURDIR)/$(BIN):$$PATH" ansible-lint --nocolor
+	cd ansible && PATH="$(CURDIR)/$(BIN):$$PATH" ansible-playbook --syntax-check -i inventory/example.yml site.yml
+
+## Deployment checks (~2.5 min): lint, syntax, systemd-analyze verify + exposure <= 2.0, and the
+## vault and object_store role steps against real servers (tests/deploy). Part of `make test`.
+deploy-check: $(STAMP) deploy-tools
+	VENV=$(CURDIR)/$(VENV) scripts/deploy-check.sh
+
+## Converge test (root; not in CI, ~11 min): site.yml twice against a debootstrap Debian 13 root
+## (2nd run changed=0), then the root booted with systemd-nspawn and converged twice more.
+deploy-test: $(STAMP)
+	VENV=$(CURDIR)/$(VENV) scripts/deploy-test.sh
 
 openapi: $(STAMP)
 	$(BIN)/appliance openapi --out openapi.json
