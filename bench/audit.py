@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import api_key, free_port, pct, settings_of, start_stack, write_result
 
 MODEL = "dlib-resnet-v1"
-DATA = Path("/work/shared/data/faces_dlib128.npz")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces_dlib128.npz"
 
 
 def _event(i: int) -> Any:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The 74 real dlib embeddings live in shared/ beside the checkout (CI lays a copy there too).
+FACES = Path(os.environ.get("APPLIANCE_SHARED_DIR", ROOT.parent / "shared")) / "data" / "faces_dlib128.npz"
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import numpy as np
 import psycopg
 import pytest
 
-DATA = "/work/shared/data/faces_dlib128.npz"
+from tests.conftest import FACES as DATA
+
 MODEL = "dlib-resnet-v1"
 
 

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 
+from tests.conftest import FACES as DATA
 from tests.vector.conftest import MODEL
 
-DATA = Path("/work/shared/data/faces_dlib128.npz")
 
-
-@pytest.mark.skipif(not DATA.exists(), reason="real-data fixture not present")
 def test_held_back_image_of_every_person_matches_at_rank_one(ready_client, new_subject, enrol, match_headers):
     data = np.load(DATA)
     vectors, people = data["vectors"].astype(np.float32), data["labels"]
