@@ -38,7 +38,7 @@ def changed_count(output: str) -> int:
 def run_role_tasks(tmp_path):
     """Run ``roles/ROLE/tasks/TASKS_FROM`` with the given variables; return the play's output."""
     if not ANSIBLE_PLAYBOOK.exists():
-        pytest.skip("ansible-core is not installed (dev extra)")
+        pytest.fail("ansible-core is not installed: run `make install` (dev extra)")
 
     def run(role: str, tasks_from: str, variables: dict[str, str]) -> str:
         playbook = tmp_path / f"{role}-{tasks_from}"
