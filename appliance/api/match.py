@@ -158,23 +158,24 @@ def _run(request: Request, key: ApiKey, opts: MatchOptions, vectors: np.ndarray,
     return results
 
 
+async def _authorized_match(request: Request, model_cls: type[MatchOptions], batch: bool) -> list[MatchResult]:
+    key = _authorize(request)  # 401/403 before reading the body
+    with vector_errors():
+        opts, vectors = await _parse(request, model_cls, batch=batch)
+    return _run(request, key, opts, vectors, "match")
+
+
 @router.post("/match", response_model=MatchResponse, summary="Who is this? One embedding against the index",
              openapi_extra=_raw_body_doc(MatchRequest))
 async def match(request: Request) -> Response:
-    key = _authorize(request)  # 401/403 before reading the body
-    with vector_errors():
-        opts, vectors = await _parse(request, MatchRequest, batch=False)
-    results = _run(request, key, opts, vectors, "match")
+    results = await _authorized_match(request, MatchRequest, batch=False)
     return Response(json.dumps(_result(results[0])), media_type="application/json")
 
 
 @router.post("/match:batch", response_model=MatchBatchResponse, summary=f"Up to {MAX_BATCH} embeddings at once",
              openapi_extra=_raw_body_doc(MatchBatchRequest))
 async def match_batch(request: Request) -> Response:
-    key = _authorize(request)  # 401/403 before reading the body
-    with vector_errors():
-        opts, vectors = await _parse(request, MatchBatchRequest, batch=True)
-    results = _run(request, key, opts, vectors, "match")
+    results = await _authorized_match(request, MatchBatchRequest, batch=True)
     return Response(json.dumps({"results": [_result(r) for r in results]}), media_type="application/json")
 
 

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from appliance.audit.cli_support import record_cli_event
+
 app = typer.Typer(no_args_is_help=True, help="Sealed database backups in the object store.")
 
 
@@ -20,7 +22,7 @@ def create() -> None:
     settings = _settings()
     info = create_backup(admin_dsn(settings), clients.s3_client(settings), settings.s3_backup_bucket,
                          clients.key_provider(settings))
-    _audit(settings, "backup.create", info.key)
+    record_cli_event(settings, "backup.create", object_id=info.key)
     typer.echo(f"{info.key}  {info.size} bytes  sha256(plaintext)={info.plaintext_sha256}")
 
 
@@ -53,11 +55,5 @@ def restore(
     except BackupError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc
-    _audit(settings, "backup.restore", restored)
+    record_cli_event(settings, "backup.restore", object_id=restored)
     typer.echo(f"restored {restored}")
-
-
-def _audit(settings, action: str, object_id: str) -> None:  # type: ignore[no-untyped-def]
-    from appliance.audit.cli_support import record_cli_event
-
-    record_cli_event(settings, action=action, object_id=object_id)

@@ -8,6 +8,8 @@ from typing import Annotated
 import psycopg
 import typer
 
+from appliance.audit.cli_support import record_cli_event
+
 app = typer.Typer(no_args_is_help=True, help="KEK, signing key and template-key operations.")
 
 
@@ -66,7 +68,7 @@ def rotate_kek(
 
     moved = rewrap_backups(clients.s3_client(settings), settings.s3_backup_bucket, provider)
     typer.echo(f"rewrapped {moved} backup key(s); every stored key is at KEK version {target}")
-    _audit(settings, "key.rotate_kek", str(target))
+    record_cli_event(settings, "key.rotate_kek", object_id=str(target))
 
 
 @app.command("retire-old")
@@ -83,7 +85,7 @@ def retire_old() -> None:
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
     provider.set_min_decryption_version(current)
-    _audit(settings, "key.retire_old", str(current))
+    record_cli_event(settings, "key.retire_old", object_id=str(current))
     typer.echo(f"KEK versions below {current} retired")
 
 
@@ -98,11 +100,6 @@ def export_public_key(out: Annotated[Path | None, typer.Option(help="Write the P
     else:
         typer.echo(pem.decode().rstrip())
 
-
-def _audit(settings, action: str, object_id: str) -> None:  # type: ignore[no-untyped-def]
-    from appliance.audit.cli_support import record_cli_event
-
-    record_cli_event(settings, action=action, object_id=object_id)
 
 
 @app.command("rotate-template")
