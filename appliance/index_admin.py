@@ -1,7 +1,8 @@
 """Index operations other features call: erasure hooks (GDPR) and template-key rotation (CLI).
 
 - ``tombstone_subject`` — step "tombstone in index and Redis" of an erasure: once it returns, no worker
-  returns the subject's labels (in-process set here, Redis set and feed for the others).
+  returns the subject's labels (in-process set here, the host's tombstone file for the other local
+  workers, Redis set and feed for other hosts and for re-syncs).
 - ``purge_labels`` — after the encodings rows are deleted and committed: sequence a delete per model
   so every hot index drops them for good (and compacts in the background).
 - ``rotate_template_key`` — re-protect every template of a model from its sealed raw vector under a
@@ -22,9 +23,11 @@ from appliance.audit import AuditEvent
 from appliance.enrolment import encoding_aad, ensure_models, subject_deks, template_keys
 from appliance.errors import Conflict
 from appliance.logs import get_logger
+from appliance.matching import tombstone_file
 from crypto.seal import open_sealed
 from vector import store
 from vector.feed import Feed, FeedMessage
+from vector.tombstones import LocalTombstones
 
 log = get_logger(__name__)
 
@@ -40,8 +43,14 @@ def tombstone_subject(state: Any, subject_id: uuid.UUID) -> list[int]:
     labels = [int(r[0]) for r in rows]
     service = state.extras.get("matcher")
     if service is not None:
-        service.add_tombstones(labels)
-    Feed(state.redis).tombstone(labels)
+        service.publish_tombstones(labels)  # this process, then every worker on the host
+    else:  # a CLI erasure: tell the host's workers through the file they poll
+        local = LocalTombstones(tombstone_file(state.settings))
+        try:
+            local.append(labels)
+        finally:
+            local.close()
+    Feed(state.redis).tombstone(labels)  # workers on other hosts, and the source for re-syncs
     return labels
 
 

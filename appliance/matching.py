@@ -1,9 +1,11 @@
 """The per-process index service: owns the hot indexes, warms them, follows the feed, holds tombstones.
 
 Invariant: a label in the tombstone set is never returned by ``match``. Tombstones reach this process
-three ways: directly (``tombstone_subject`` in this process), through the feed, and, for a worker whose
-feed is behind, through one Redis ``SMISMEMBER`` over the candidate labels on every match. While Redis
-is down matching goes on from memory, and the follower re-syncs from PostgreSQL once it returns.
+four ways: directly (``tombstone_subject`` in this process), through the feed, and, for a worker whose
+feed is behind, through the host's tombstone file (``vector.tombstones``: one ``fstat`` after every
+search) and, where several hosts share the database, one Redis ``SMISMEMBER`` over the candidate
+labels. While Redis is down matching goes on from memory, and the follower re-syncs from PostgreSQL
+once it returns.
 The match path itself never touches PostgreSQL, Vault or S3.
 """
 
@@ -27,6 +29,7 @@ from vector.feed import Feed, FeedMessage
 from vector.index import HotIndex, IndexParams, single_threaded_search
 from vector.matcher import Candidate, search_candidates
 from vector.templates import TemplateKeys
+from vector.tombstones import LocalTombstones
 
 log = get_logger(__name__)
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
@@ -70,6 +73,8 @@ class ServiceConfig:
     resync_interval: float = 30.0
     oversample: int = 4
     warm_threads: int = 2
+    tombstone_file: Path | None = None
+    redis_probe: bool = False
 
     @classmethod
     def from_settings(cls, settings: Any) -> ServiceConfig:
@@ -82,7 +87,14 @@ class ServiceConfig:
             snapshot_dir=settings.index_snapshot_dir or Path(settings.var_dir) / "index",
             snapshot_interval=settings.index_snapshot_interval,
             resync_interval=settings.index_resync_interval,
+            tombstone_file=tombstone_file(settings),
+            redis_probe=settings.index_redis_tombstone_probe,
         )
+
+
+def tombstone_file(settings: Any) -> Path:
+    """The host's tombstone file: shared by every worker and CLI process of one installation."""
+    return Path(settings.index_tombstone_file or Path(settings.var_dir) / "index" / "tombstones.bin")
 
 
 class IndexService:
@@ -93,9 +105,11 @@ class IndexService:
         self.settings = settings
         self.pool = pool
         self.feed = Feed(redis_client)
-        self._probe = self.feed.probe()
-        self._keys = keys  # callable returning the KeyProvider (lazy: Vault may be down at start)
         self.config = config or ServiceConfig.from_settings(settings)
+        self._probe = self.feed.probe() if self.config.redis_probe else None
+        path = self.config.tombstone_file
+        self.local_tombstones = LocalTombstones(path) if path is not None else None
+        self._keys = keys  # callable returning the KeyProvider (lazy: Vault may be down at start)
         self.dims = {name: spec.dim for name, spec in settings.models.items()}
         self.thresholds = {name: spec.threshold for name, spec in settings.models.items()}
         self.models: dict[str, ModelIndex] = {}
@@ -108,6 +122,7 @@ class IndexService:
         self._needs_resync = threading.Event()
         self._stop = threading.Event()
         self._paused = threading.Event()
+        self._idle = threading.Event()  # set by the follower while paused
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self.warm_seconds: float | None = None
@@ -126,6 +141,9 @@ class IndexService:
             self._thread.join(timeout=10)
         if save:
             self.save_snapshots()
+        if self.local_tombstones is not None:
+            self.local_tombstones.close()
+            self.local_tombstones = None
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
@@ -134,9 +152,12 @@ class IndexService:
     def ready(self) -> bool:
         return self._ready.is_set()
 
-    def pause(self) -> None:
-        """Stop applying feed messages (tests of a lagging worker); matching goes on."""
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Stop applying feed messages (tests of a lagging worker); matching goes on. Returns once the
+        follower has finished what it was applying (True), so nothing is applied after this call."""
+        self._idle.clear()
         self._paused.set()
+        return self._idle.wait(timeout)
 
     def resume(self) -> None:
         self._paused.clear()
@@ -151,9 +172,17 @@ class IndexService:
             raise IndexNotReady(f"the index of {model!r} is warming up")
         threshold = self.thresholds[model] if threshold is None else threshold
         queries = mi.key.protect(vectors)
+        local = self.local_tombstones
         for _attempt in range(3):
-            found = search_candidates(lambda w: mi.index.search(queries, w), len(queries), k,
-                                      len(mi.index), self.dead, self.config.oversample)
+            found = search_candidates(lambda w: mi.index.search(queries, w), len(queries), k, len(mi.index),
+                                      self.dead, self.config.oversample, mi.index.search_width(k))
+            if local is not None and local.changed():  # an erasure on this host since we last looked
+                fresh = local.read_new().tolist()
+                if fresh:
+                    self.add_tombstones(fresh)
+                    continue
+            if self._probe is None:
+                break
             fresh = self._remote_tombstones([c.label for cands in found for c in cands])
             if not fresh:
                 break
@@ -163,7 +192,7 @@ class IndexService:
 
     def _remote_tombstones(self, labels: list[int]) -> list[int]:
         """Labels tombstoned in Redis that this process has not heard of yet (feed behind)."""
-        if not labels or time.monotonic() < self._redis_down_until:
+        if self._probe is None or not labels or time.monotonic() < self._redis_down_until:
             return []
         try:
             return [x for x in self._probe.tombstoned(labels) if x not in self.dead]
@@ -176,6 +205,12 @@ class IndexService:
         self._needs_resync.set()
 
     # --- tombstones and deletions -----------------------------------------------------------
+    def publish_tombstones(self, labels: list[int]) -> None:
+        """An erasure in this process: hide the labels here and from every other worker on the host."""
+        self.add_tombstones(labels)
+        if self.local_tombstones is not None:
+            self.local_tombstones.append(labels)
+
     def add_tombstones(self, labels: list[int] | np.ndarray) -> None:
         """In-process half of erasure: from now on this process never returns these labels."""
         values = [int(x) for x in labels]
@@ -293,11 +328,14 @@ class IndexService:
         while not self._stop.is_set():
             try:
                 if self._paused.is_set():
+                    self._idle.set()
                     self._stop.wait(0.05)
                     continue
                 if self._needs_resync.is_set():
                     self.resync()
                 for msg in self.feed.read(self._stream_id or b"$", 500, self.dims):
+                    if self._paused.is_set():
+                        break  # read but not applied: the stream position stays before it
                     self._apply(msg)
                     self._stream_id = msg.id
                 if time.monotonic() - last_check > self.config.resync_interval:
@@ -316,6 +354,8 @@ class IndexService:
     def _warm_all(self) -> bool:
         """Warm every model once; True when all are warm (retried each second otherwise)."""
         started = time.perf_counter()
+        if self.local_tombstones is not None:
+            self.add_tombstones(self.local_tombstones.read_new())
         try:
             if self._stream_id is None:
                 self._stream_id = self.feed.last_id()

@@ -53,7 +53,9 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)
     log_level: str = "INFO"
     log_json: bool = True
+    access_log_matches: bool = False
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    api_fast_match: bool = True
 
     # --- PostgreSQL ---
     database_url: SecretStr = SecretStr("postgresql://appliance@127.0.0.1:5432/appliance")
@@ -86,6 +88,8 @@ class Settings(BaseSettings):
     index_snapshot_dir: Path | None = None
     index_snapshot_interval: float = Field(default=300.0, gt=0)
     index_resync_interval: float = Field(default=30.0, gt=0)
+    index_tombstone_file: Path | None = None
+    index_redis_tombstone_probe: bool = False
     bulk_chunk_size: int = Field(default=1000, ge=1, le=10_000)
     bulk_max_body_bytes: int = Field(default=2 << 30, gt=0)
 
@@ -103,6 +107,8 @@ class Settings(BaseSettings):
     audit_batch_max: int = Field(default=5000, gt=0)
     audit_flush_interval: float = Field(default=0.2, gt=0)
     audit_block_seconds: float = 0.25
+    audit_writer_process: bool = True
+    audit_writer_nice: int = Field(default=10, ge=0, le=19)
     audit_tx_chains: int = Field(default=8, ge=1, le=8)
     audit_match_actions: list[str] = Field(default_factory=lambda: ["match", "match.batch"])
     audit_checkpoint_interval: float = Field(default=60.0, gt=0)

@@ -86,6 +86,19 @@ class Server:
             time.sleep(0.05)
         raise TimeoutError("server not ready")
 
+    def wait_all_workers(self, tries: int = 40, timeout: float = 1800) -> None:
+        """With several uvicorn workers, /v1/index on fresh connections until every one says ready."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            ready = 0
+            for _ in range(tries):
+                status, body = request(self.conn(), "GET", "/v1/index", None, self.token)
+                ready += status == 200 and json.loads(body)["ready"]
+            if ready == tries:
+                return
+            time.sleep(0.2)
+        raise TimeoutError("not every worker became ready")
+
     def conn(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
 
@@ -173,3 +186,70 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return path
+
+
+WRK_SCRIPT = r"""
+-- Cycles through pre-built bodies (n x size bytes in BODIES) and writes latency percentiles as JSON.
+local f = assert(io.open(os.getenv("WRK_BODIES"), "rb"))
+local blob = f:read("*a")
+f:close()
+local size = tonumber(os.getenv("WRK_BODY_SIZE"))
+local path = os.getenv("WRK_PATH")
+local headers = {["Authorization"] = "Bearer " .. os.getenv("WRK_TOKEN"),
+                 ["Content-Type"] = os.getenv("WRK_CTYPE")}
+local reqs, n = {}, math.floor(#blob / size)
+local counter = 0
+
+function init(args)
+  for i = 0, n - 1 do
+    reqs[i] = wrk.format("POST", path, headers, blob:sub(i * size + 1, (i + 1) * size))
+  end
+end
+
+function request()
+  counter = counter + 1
+  return reqs[counter % n]
+end
+
+function done(summary, latency, requests)
+  local out = assert(io.open(os.getenv("WRK_OUT"), "w"))
+  out:write(string.format(
+    '{"requests": %d, "seconds": %.6f, "non_2xx": %d, "socket_errors": %d, "p50_us": %d, "p90_us": %d, '
+    .. '"p99_us": %d, "max_us": %d, "mean_us": %.1f}',
+    summary.requests, summary.duration / 1e6, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
+  out:close()
+end
+"""
+
+
+def wrk_available() -> bool:
+    import shutil
+
+    return shutil.which("wrk") is not None
+
+
+def wrk_run(port: int, path: str, bodies: list[bytes], token: str, connections: int, seconds: float,
+            threads: int = 1, ctype: str = "application/octet-stream") -> dict[str, float]:
+    """Drive ``path`` with wrk (C, keep-alive, ``connections`` concurrent): a load generator that costs
+    a few microseconds per request, so a 2-core box measures the server rather than the client."""
+    import tempfile
+
+    size = len(bodies[0])
+    assert all(len(b) == size for b in bodies)
+    with tempfile.TemporaryDirectory() as tmp:
+        script, blob, out = Path(tmp) / "match.lua", Path(tmp) / "bodies.bin", Path(tmp) / "out.json"
+        script.write_text(WRK_SCRIPT)
+        blob.write_bytes(b"".join(bodies))
+        env = {**os.environ, "WRK_BODIES": str(blob), "WRK_BODY_SIZE": str(size), "WRK_PATH": path,
+               "WRK_TOKEN": token, "WRK_CTYPE": ctype, "WRK_OUT": str(out)}
+        done = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+                               "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}"],
+                              env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+        raw = json.loads(out.read_text())
+    return {"n": raw["requests"], "p50_ms": round(raw["p50_us"] / 1e3, 3), "p99_ms": round(raw["p99_us"] / 1e3, 3),
+            "per_second": round(raw["requests"] / raw["seconds"], 1), "non_2xx": raw["non_2xx"],
+            "socket_errors": raw["socket_errors"], "load_generator": f"wrk -t{threads} -c{connections}"}

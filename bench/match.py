@@ -39,6 +39,8 @@ from bench.common import (
     settings_of,
     start_stack,
     write_result,
+    wrk_available,
+    wrk_run,
 )
 
 
@@ -159,6 +161,15 @@ def api_concurrent(server: Server, q: np.ndarray, threads: int, duration: float)
     out = _stats(lat)
     out["per_second"] = round(len(lat) / (time.perf_counter() - started), 1)
     out["server_cpu_ms_per_request"] = round((server_cpu(server) - cpu0) / max(1, len(lat)) * 1e3, 3)
+    return out
+
+
+def wrk_concurrent(server: Server, q: np.ndarray, connections: int, duration: float) -> dict[str, float]:
+    """The same requests driven by wrk; server CPU per request from the server's own counters."""
+    bodies = [v.astype("<f4").tobytes() for v in q]
+    cpu0 = server_cpu(server)
+    out = wrk_run(server.port, f"/v1/match?model={MODEL}&k=10", bodies, server.token, connections, duration)
+    out["server_cpu_ms_per_request"] = round((server_cpu(server) - cpu0) / max(1, out["n"]) * 1e3, 3)
     return out
 
 
@@ -290,9 +301,16 @@ def run_scale(n: int, n_queries: int, duration: float, workers: int, skip_pgvect
         status = json.loads(request(server.conn(), "GET", "/v1/index", None, token)[1])
         c1, found = api_run(server, q, to_ident)
         c1["recall_at_1"], c1["recall_at_10"] = recall(found, truth)
+        c1["load_generator"] = "python, sequential"
         print(f"[{n}] concurrency 8")
         c8 = api_concurrent(server, q, 8, duration)
-        c8["workers"] = workers
+        c8["workers"], c8["load_generator"] = workers, "python, 8 threads"
+        wrk = {}
+        if wrk_available():
+            wrk["c1"] = wrk_concurrent(server, q, 1, duration)
+            wrk["c8"] = wrk_concurrent(server, q, 8, duration)
+            for v in wrk.values():
+                v["workers"] = workers
         rss = server.rss_bytes()
     finally:
         server.stop()  # SIGTERM: saves the sealed snapshot
@@ -306,8 +324,12 @@ def run_scale(n: int, n_queries: int, duration: float, workers: int, skip_pgvect
     print(f"[{n}] concurrency 8 with 2 uvicorn workers")
     server = Server(stack, token, workers=2)
     try:
+        server.wait_all_workers()
         c8_two = api_concurrent(server, q, 8, duration)
-        c8_two["workers"] = 2
+        c8_two["workers"], c8_two["load_generator"] = 2, "python, 8 threads"
+        if wrk_available():
+            wrk["c8_2workers"] = wrk_concurrent(server, q, 8, duration)
+            wrk["c8_2workers"]["workers"] = 2
     finally:
         server.stop()
     pq = protected_queries(stack, q)
@@ -324,9 +346,11 @@ def run_scale(n: int, n_queries: int, duration: float, workers: int, skip_pgvect
         "n": n, "dim": 128, "queries": n_queries, "workers": workers, "load": loaded,
         "pg_hnsw_build_seconds": pg_index_s,
         "ours_c1": c1, "ours_c8": c8, "ours_c8_2workers": c8_two, "pgvector_c1": pg, "faiss_c1": fl,
+        **{f"ours_{k}_wrk": v for k, v in wrk.items()},
         "ratio_p50_ours_over_pgvector": round(c1["p50_ms"] / pg["p50_ms"], 3),
         "ratio_p99_ours_over_pgvector": round(c1["p99_ms"] / pg["p99_ms"], 3),
         "ratio_p50_ours_over_faiss": round(c1["p50_ms"] / fl["p50_ms"], 1),
+        "best_throughput_c8": max(x["per_second"] for x in (c8, c8_two, *(v for k, v in wrk.items() if "c8" in k))),
         "server_rss_mb": round(rss / 2**20, 1), "hot_index_mb": round(model_status["memory_bytes"] / 2**20, 1),
         "index_kind": model_status["kind"], "cold_start_ready_seconds": round(cold_s, 2),
         "restart_ready_seconds": round(restart_s, 2),
@@ -349,8 +373,11 @@ def main() -> None:
     print(f"\n{'n':>8} {'path':10} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'R@1':>6} {'R@10':>6}")
     for r in results:
         for label, key in (("ours c1", "ours_c1"), ("ours c8", "ours_c8"), ("ours c8 w2", "ours_c8_2workers"),
+                           ("wrk c1", "ours_c1_wrk"), ("wrk c8", "ours_c8_wrk"), ("wrk c8 w2", "ours_c8_2workers_wrk"),
                            ("pgvector", "pgvector_c1"),
                            ("faiss", "faiss_c1")):
+            if key not in r:
+                continue
             s = r[key]
             print(f"{r['n']:>8} {label:10} {s['p50_ms']:>8} {s['p99_ms']:>8} {s['per_second']:>8} "
                   f"{s.get('recall_at_1', ''):>6} {s.get('recall_at_10', ''):>6}")

@@ -46,19 +46,26 @@ class RWLock:
         self._writer = False
         self._writers_waiting = 0
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
+    def acquire_read(self) -> None:
+        """The read side as two plain calls (the match path takes it on every search)."""
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        self.acquire_read()
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self.release_read()
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -111,6 +118,7 @@ class HotIndex:
         self._dead = np.zeros(0, np.uint8)  # packed bitmap (little bit order) of deleted positions
         self._dead_count = 0
         self._selector: faiss.IDSelector | None = None
+        self._params: dict[int, faiss.SearchParameters] = {}  # by k; cleared whenever index or selector change
 
     # --- reading --------------------------------------------------------------------------
     @property
@@ -129,27 +137,44 @@ class HotIndex:
         """Top-k by inner product among live vectors for each row of ``queries`` (protected, unit norm)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         single_threaded_search()
-        with self._lock.read():
-            n, live = self._n, self._n - self._dead_count
+        lock = self._lock
+        lock.acquire_read()
+        try:
+            live = self._n - self._dead_count
             kk = max(1, min(k, live))
             if live == 0:
                 nq = q.shape[0]
                 return Hits(np.full((nq, 0), -1, np.float32), np.full((nq, 0), -1, np.int64),
                             np.zeros((nq, 0, 16), np.uint8), np.zeros((nq, 0, 16), np.uint8))
-            if isinstance(self._faiss, faiss.IndexHNSWFlat):
-                params = faiss.SearchParametersHNSW()
-                params.efSearch = max(self.params.ef_search, kk)
-            else:
-                params = faiss.SearchParameters()
-            if self._selector is not None:
-                params.sel = self._selector
+            params = self._params.get(kk)
+            if params is None:
+                params = self._params[kk] = self._search_params(kk)
             sims, pos = self._faiss.search(q, kk, params=params)
-            valid = (pos >= 0) & (pos < n)
-            safe = np.where(valid, pos, 0)
-            labels = np.where(valid, self._labels[safe], -1)
-            subjects = self._subjects[safe]
-            encodings = self._encodings[safe]
-        return Hits(sims, labels, subjects, encodings)
+            if pos.min() < 0:  # fewer live vectors than asked for: -1 padding
+                valid = pos >= 0
+                pos = np.where(valid, pos, 0)
+                labels = np.where(valid, self._labels[pos], -1)
+            else:
+                labels = self._labels[pos]
+            return Hits(sims, labels, self._subjects[pos], self._encodings[pos])
+        finally:
+            lock.release_read()
+
+    def _search_params(self, k: int) -> faiss.SearchParameters:
+        """Built once per k and selector (SWIG objects cost more to make than a small search)."""
+        if isinstance(self._faiss, faiss.IndexHNSWFlat):
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = max(self.params.ef_search, k)
+        else:
+            params = faiss.SearchParameters()
+        if self._selector is not None:
+            params.sel = self._selector
+        return params
+
+    def search_width(self, k: int) -> int:
+        """Hits worth asking for when k are wanted: HNSW visits ``ef_search`` nodes anyway, so asking for
+        that many costs no more and spares a second search when de-duplication drops hits."""
+        return max(k, self.params.ef_search) if self.kind == "hnsw" else k
 
     def memory_bytes(self) -> int:
         """Approximate resident bytes of this index: vectors, HNSW links and the metadata arrays."""
@@ -289,7 +314,7 @@ class HotIndex:
         """A new index of the right kind for ``batch`` (used by warm-up and template-key rotation)."""
         index = cls(dim, params)
         index._faiss = index._new_faiss(len(batch))
-        index._grow(len(batch))
+        index._grow(len(batch))  # also resets the cached search parameters
         index._labels[:], index._subjects[:], index._encodings[:] = batch.labels, batch.subjects, batch.encodings
         if len(batch):
             index._faiss.add(np.ascontiguousarray(batch.templates, dtype=np.float32))  # one call: OpenMP-parallel
@@ -326,6 +351,7 @@ class HotIndex:
 
     def _refresh_selector(self) -> None:
         """Under the write lock: the selector points into ``self._dead``, which must outlive it."""
+        self._params = {}
         if not self._dead_count:
             self._selector = None
             return

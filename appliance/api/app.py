@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.api import health, problems
@@ -16,6 +18,22 @@ from appliance.logs import configure_logging, get_logger
 from appliance.settings import Settings, get_settings
 
 log = get_logger(__name__)
+
+
+class ApplianceAPI(FastAPI):
+    """FastAPI plus a dispatch table of raw ASGI handlers that run before routing and middleware.
+
+    Only the hot match endpoints use it (``app.state.fast_routes``, filled by their feature module);
+    their FastAPI routes stay as the documented definition and the fallback when it is switched off.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            handler: ASGIApp | None = self.state.fast_routes.get((scope["method"], scope["path"]))
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -38,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.close()
             log.info("stopped")
 
-    app = FastAPI(
+    app = ApplianceAPI(
         title="Edge biometric storage appliance",
         version=__version__,
         lifespan=lifespan,
@@ -48,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
     app.state.body_limits = {}  # path prefix -> max request bytes, set by features (e.g. media uploads)
+    fast: dict[tuple[str, str], Any] = {}
+    app.state.fast_routes = fast  # (method, path) -> raw ASGI handler, set by features (the match path)
     problems.install(app)
     app.include_router(health.router)
     for register in _feature_routers():

@@ -17,20 +17,25 @@ PROBLEM = "application/problem+json"
 TYPE_BASE = "https://appliance.invalid/problems/"
 
 
-def problem(status: int, title: str, detail: str, slug: str, request: Request, **extra: Any) -> JSONResponse:
-    body = {
-        "type": TYPE_BASE + slug,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "instance": request.url.path,
-        "request_id": getattr(request.state, "request_id", None),
-        **extra,
-    }
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def problem_document(status: int, title: str, detail: str, slug: str, path: str, request_id: str | None,
+                     **extra: Any) -> dict[str, Any]:
+    """The RFC 9457 body; shared by the routed API and the raw ASGI match handler."""
+    return {"type": TYPE_BASE + slug, "title": title, "status": status, "detail": detail, "instance": path,
+            "request_id": request_id, **extra}
+
+
+def problem_headers(status: int) -> dict[str, str] | None:
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
     if status == 503:
-        headers = {"Retry-After": "1"}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+        return {"Retry-After": "1"}
+    return None
+
+
+def problem(status: int, title: str, detail: str, slug: str, request: Request, **extra: Any) -> JSONResponse:
+    body = problem_document(status, title, detail, slug, request.url.path,
+                            getattr(request.state, "request_id", None), **extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=problem_headers(status))
 
 
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:

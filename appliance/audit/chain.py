@@ -68,7 +68,19 @@ def ts_text(ts: datetime) -> str:
 
 
 def subject_digest(subject_id: uuid.UUID | str | None) -> str | None:
-    return None if subject_id is None else sha256_hex(str(subject_id).lower().encode())
+    if subject_id is None:
+        return None
+    key = str(subject_id).lower()
+    found = _SUBJECT_DIGESTS.get(key)
+    if found is None:
+        found = sha256_hex(key.encode())
+        if len(_SUBJECT_DIGESTS) >= 50_000:  # the same few subjects recur on the match path
+            _SUBJECT_DIGESTS.clear()
+        _SUBJECT_DIGESTS[key] = found
+    return found
+
+
+_SUBJECT_DIGESTS: dict[str, str] = {}
 
 
 def action_class(action: str, match_actions: frozenset[str] = DEFAULT_MATCH_ACTIONS) -> str:
@@ -216,35 +228,91 @@ def record_dict(
 def build_record(
     event: AuditEvent, chain: str, seq: int, ts: datetime, cls: str, details: dict[str, Any], prev: bytes
 ) -> tuple[dict[str, Any], str]:
-    """A new record and its details' canonical JSON, hashed with one general JSON encode (hot path).
+    """A new record and its details' canonical JSON, hashed with one general JSON encode.
 
     The body and header are formatted by hand in canonical key order; tests prove the bytes equal
     ``canonical_json(header_of(rec))``, which is what the verifier computes.
     """
-    subject = None if event.subject_id is None else str(event.subject_id)
-    rec: dict[str, Any] = {
-        "chain": chain,
-        "seq": seq,
-        "ts": ts_text(ts),
-        "class": cls,
-        "actor": str(event.actor)[:200].replace("\x00", ""),
-        "action": str(event.action)[:100].replace("\x00", ""),
-        "subject_id": subject,
-        "object_id": None if event.object_id is None else str(event.object_id)[:MAX_STRING].replace("\x00", ""),
-        "outcome": str(event.outcome)[:40].replace("\x00", ""),
-        "request_id": None if event.request_id is None else str(event.request_id)[:100].replace("\x00", ""),
-        "details": details,
-        "prev_hash": prev.hex(),
-    }
+    f = _fields(event)
+    ts_s = ts_text(ts)
     details_json = _ENCODER.encode(details)
-    body = (f'{{"actor":{_js(rec["actor"])},"details":{details_json},"object_id":{_js(rec["object_id"])},'
-            f'"request_id":{_js(rec["request_id"])},"subject_id":{_js(subject)}}}')
-    subj = subject_digest(subject)
-    header = (f'{{"action":{_js(rec["action"])},"body":"{sha256_hex(body.encode())}","chain":{_js(chain)},'
-              f'"class":{_js(cls)},"outcome":{_js(rec["outcome"])},"prev":"{rec["prev_hash"]}","seq":{int(seq)},'
-              f'"subj":{"null" if subj is None else _js(subj)},"ts":"{rec["ts"]}","v":{FORMAT_VERSION}}}')
-    rec["hash"] = hashlib.sha256(header.encode()).hexdigest()
+    digest = _hash(f, chain, seq, ts_s, cls, details_json, prev.hex())
+    rec: dict[str, Any] = {
+        "chain": chain, "seq": seq, "ts": ts_s, "class": cls, "actor": f[0], "action": f[1], "subject_id": f[2],
+        "object_id": f[3], "outcome": f[4], "request_id": f[5], "details": details, "prev_hash": prev.hex(),
+        "hash": digest.hex(),
+    }
     return rec, details_json
+
+
+COPY_COLUMNS = ("ts, chain, seq, class, actor, action, subject_id, object_id, outcome, request_id, details, "
+                "prev_hash, hash")
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_line(
+    event: AuditEvent, chain: str, seq: int, ts: datetime, cls: str, details: dict[str, Any], prev: bytes
+) -> tuple[bytes, str]:
+    """The same record as ``build_record``, as its hash and one line of ``COPY audit_log (COPY_COLUMNS)``
+    text format: the batch writer's path, ~3x cheaper than building a dict and adapting it per field."""
+    f = _fields(event)
+    ts_s = ts_text(ts)
+    details_json = _ENCODER.encode(details)
+    prev_hex = prev.hex()
+    digest = _hash(f, chain, seq, ts_s, cls, details_json, prev_hex)
+    actor, action, subject, object_id, outcome, request_id = f
+    texts = (chain, cls, actor, action, subject or "", object_id or "", outcome, request_id or "", details_json)
+    if _COPY_SPECIAL.search("".join(texts)):  # rare: escape field by field
+        line = "\t".join((ts_s, _copy_text(chain), str(int(seq)), _copy_text(cls), _copy_text(actor),
+                          _copy_text(action), _copy_text(subject), _copy_text(object_id), _copy_text(outcome),
+                          _copy_text(request_id), _copy_text(details_json), "\\\\x" + prev_hex,
+                          "\\\\x" + digest.hex())) + "\n"
+    else:
+        line = (f"{ts_s}\t{chain}\t{int(seq)}\t{cls}\t{actor}\t{action}\t{subject or _NULL}\t{object_id or _NULL}\t"
+                f"{outcome}\t{request_id or _NULL}\t{details_json}\t\\\\x{prev_hex}\t\\\\x{digest.hex()}\n")
+    return digest, line
+
+
+_NULL = "\\N"
+
+
+def _copy_text(value: str | None) -> str:
+    """A field in COPY text format: NULL as \\N; backslash, tab, newline and CR escaped."""
+    if value is None:
+        return "\\N"
+    return value.translate(_COPY_ESCAPES) if _COPY_SPECIAL.search(value) else value
+
+
+def _fields(event: AuditEvent) -> tuple[str, str, str | None, str | None, str, str | None]:
+    """actor, action, subject_id, object_id, outcome, request_id: bounded, NUL-free text."""
+    return (
+        _bounded(event.actor, 200),
+        _bounded(event.action, 100),
+        None if event.subject_id is None else str(event.subject_id),
+        None if event.object_id is None else _bounded(event.object_id, MAX_STRING),
+        _bounded(event.outcome, 40),
+        None if event.request_id is None else _bounded(event.request_id, 100),
+    )
+
+
+def _bounded(value: object, limit: int) -> str:
+    text = value if type(value) is str else str(value)
+    if len(text) > limit:
+        text = text[:limit]
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
+def _hash(f: tuple[str, str, str | None, str | None, str, str | None], chain: str, seq: int, ts_s: str, cls: str,
+          details_json: str, prev_hex: str) -> bytes:
+    actor, action, subject, object_id, outcome, request_id = f
+    body = (f'{{"actor":{_js(actor)},"details":{details_json},"object_id":{_js(object_id)},'
+            f'"request_id":{_js(request_id)},"subject_id":{_js(subject)}}}')
+    subj = subject_digest(subject)
+    header = (f'{{"action":{_js(action)},"body":"{sha256_hex(body.encode())}","chain":{_js(chain)},'
+              f'"class":{_js(cls)},"outcome":{_js(outcome)},"prev":"{prev_hex}","seq":{int(seq)},'
+              f'"subj":{"null" if subj is None else _js(subj)},"ts":"{ts_s}","v":{FORMAT_VERSION}}}')
+    return hashlib.sha256(header.encode()).digest()
 
 
 def _js(value: str | None) -> str:

@@ -20,6 +20,7 @@ removing a whole writer chain from the database is visible too.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import random
@@ -38,11 +39,13 @@ from psycopg import Connection, pq
 from appliance.audit import AuditEvent
 from appliance.audit.chain import (
     AUDIT_CLASS,
+    COPY_COLUMNS,
     DEFAULT_MATCH_ACTIONS,
     MATCH_CLASS,
     ZERO_HASH,
     action_class,
     build_record,
+    copy_line,
     sanitize_details,
 )
 from appliance.logs import get_logger
@@ -50,6 +53,7 @@ from appliance.logs import get_logger
 if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
+    from appliance.audit.writer_process import WriterProcess
     from crypto.providers.base import KeyProvider
 
 log = get_logger(__name__)
@@ -64,7 +68,6 @@ BATCH_SECONDS = Histogram(
     "appliance_audit_batch_seconds", "Time to COPY one batch", buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2)
 )
 
-_COLUMNS = "ts, chain, seq, class, actor, action, subject_id, object_id, outcome, request_id, details, prev_hash, hash"
 _STOP = object()  # ends the copier thread
 # The writer threads share the GIL with the match path: they yield it this often (≈ 0.5 ms of work)
 # so a waiting request thread runs at once instead of after CPython's 5 ms switch interval.
@@ -120,7 +123,7 @@ def record_event(
     rec, details_json = build_record(event, chain, seq + 1, ts, cls, _clean_details(event), bytes(head))
     conn.execute(
         f"""WITH moved AS (UPDATE audit_heads SET seq = %s, hash = %s, ts = %s, updated_at = now() WHERE chain = %s)
-            INSERT INTO audit_log ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",  # noqa: S608
+            INSERT INTO audit_log ({COPY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",  # noqa: S608
         (rec["seq"], bytes.fromhex(rec["hash"]), ts, chain, *_row(rec, ts, details_json)),
     )
     EVENTS.labels("tx").inc()
@@ -160,6 +163,9 @@ class AuditLog:
         tx_chains: int = 8,
         match_actions: frozenset[str] = DEFAULT_MATCH_ACTIONS,
         checkpoint_interval: float = 60.0,
+        chain_base: str | None = None,
+        writer_process: bool = False,
+        writer_nice: int = 10,
     ) -> None:
         self.pool = pool
         self.keys = keys
@@ -169,7 +175,12 @@ class AuditLog:
         self.tx_chains = tx_chains
         self.match_actions = frozenset(match_actions)
         self.checkpoint_interval = checkpoint_interval
-        self.chain_base = f"w:{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.chain_base = chain_base or f"w:{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.writer_process = writer_process
+        self.writer_nice = writer_nice
+        self.child: WriterProcess | None = None
+        self._markers: dict[int, _Flush] = {}
+        self._marker_ids = itertools.count(1)
         self.chains = {c: _WriterChain(f"{self.chain_base}:{c}", c) for c in (AUDIT_CLASS, MATCH_CLASS)}
         # A deque, not queue.Queue: append/popleft are atomic without a lock, so submit costs ~0.1 µs on
         # the match path; the bound is checked by len() (approximate under races, which is fine).
@@ -297,6 +308,9 @@ class AuditLog:
 
     def _run_writer(self) -> None:
         """Hash batches here while the copier thread writes the previous one (CPU and I/O overlap)."""
+        if self.writer_process:
+            self._run_feeder()
+            return
         copier = threading.Thread(target=self._run_copier, name="audit-copier", daemon=True)
         copier.start()
         pop = self._queue.popleft
@@ -321,6 +335,79 @@ class AuditLog:
         self._batches.put(_STOP)
         copier.join()
 
+    def _run_feeder(self) -> None:
+        """Process mode: pop batches and hand them to the writer process; markers follow their batch."""
+        from appliance.audit.writer_process import ChildConfig, WriterProcess
+
+        dsn = self.pool.conninfo
+        child = self.child = WriterProcess(
+            ChildConfig(dsn, self.chain_base, self.tx_chains, self.match_actions, self.writer_nice),
+            on_flushed=self._flushed, on_written=lambda n: EVENTS.labels("queue").inc(n))
+        child.start()
+        pop = self._queue.popleft
+        while True:
+            stopping = self._stop.is_set()
+            batch: list[AuditEvent] = []
+            markers: list[_Flush] = []
+            try:
+                while len(batch) < self.batch_max:
+                    item = pop()
+                    (markers if type(item) is _Flush else batch).append(item)  # type: ignore[arg-type]
+            except IndexError:
+                pass
+            QUEUE_DEPTH.set(len(self._queue))
+            try:
+                if batch:
+                    child.send_batch(batch)
+                for m in markers:
+                    marker_id = next(self._marker_ids)
+                    self._markers[marker_id] = m
+                    child.send_flush(marker_id)
+            except Exception as exc:  # the child died twice in a row: count the loss, keep serving
+                DROPPED.inc(len(batch))
+                log.error("audit: writer process unavailable, batch lost", events=len(batch), error=str(exc))
+            if not batch and not markers and stopping:
+                break
+            if len(batch) < self.batch_max and not stopping:
+                self._wake.wait(self.flush_interval)
+                self._wake.clear()
+        if not child.stop(timeout=30):
+            log.error("audit: writer process did not stop in time; it was killed")
+        for m in self._markers.values():  # anything still unacknowledged is as committed as it will get
+            m.done.set()
+
+    def _flushed(self, marker_id: int) -> None:
+        marker = self._markers.pop(marker_id, None)
+        if marker is not None:
+            marker.done.set()
+
+    def pipeline(self) -> tuple[Callable[[list[AuditEvent], list[Any]], None], Callable[[], None]]:
+        """For the writer process: ``put(events, markers)`` hashes now and queues the COPY for a copier
+        thread (hashing the next batch overlaps PostgreSQL's work on this one); each marker's
+        ``done.set()`` runs once its batch is committed. ``close()`` drains and stops the copier."""
+        copier = threading.Thread(target=self._run_copier, name="audit-copier", daemon=True)
+        copier.start()
+
+        def put(events: list[AuditEvent], markers: list[Any]) -> None:
+            self._batches.put((self._chain(events) if events else [], markers))
+
+        def close() -> None:
+            self._batches.put(_STOP)
+            copier.join()
+
+        return put, close
+
+    def resume_chains(self) -> None:
+        """Continue this instance's chains from their stored heads (a restarted writer process)."""
+        with self.pool.connection() as conn:
+            rows = conn.execute("SELECT chain, seq, hash, ts FROM audit_heads WHERE chain = ANY(%s)",
+                                ([c.name for c in self.chains.values()],)).fetchall()
+        heads = {r[0]: r for r in rows}
+        for chain in self.chains.values():
+            if chain.name in heads:
+                _, chain.seq, head, chain.ts = heads[chain.name]
+                chain.hash, chain.announced = bytes(head), True
+
     def _run_copier(self) -> None:
         while (item := self._batches.get()) is not _STOP:
             rows, markers = item
@@ -329,7 +416,7 @@ class AuditLog:
             for m in markers:
                 m.done.set()
 
-    def _write_with_retry(self, rows: list[tuple[_WriterChain, tuple[Any, ...]]]) -> None:
+    def _write_with_retry(self, rows: list[tuple[_WriterChain, int, bytes, datetime, str]]) -> None:
         """COPY one batch, retrying the same rows while PostgreSQL is unavailable (never re-hashed)."""
         delay, failures_while_stopping = 0.05, 0
         while True:
@@ -348,38 +435,39 @@ class AuditLog:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _chain(self, batch: list[AuditEvent]) -> list[tuple[_WriterChain, tuple[Any, ...]]]:
+    def _chain(self, batch: list[AuditEvent]) -> list[tuple[_WriterChain, int, bytes, datetime, str]]:
+        """Hash each event onto its chain and format its COPY line: (chain, seq, hash, ts, line) per event."""
         out = []
         for i, event in enumerate(batch):
             if not i % YIELD_EVERY:
                 time.sleep(0)  # hand the GIL to request threads now, not after the 5 ms switch interval
             chain = self.chains[action_class(event.action, self.match_actions)]
             ts = max(_event_ts(event), chain.ts)
-            rec, details_json = build_record(event, chain.name, chain.seq + 1, ts, chain.cls, _clean_details(event),
-                                             chain.hash)
-            chain.seq, chain.hash, chain.ts = rec["seq"], bytes.fromhex(rec["hash"]), ts
-            out.append((chain, _row(rec, ts, details_json)))
+            seq = chain.seq + 1
+            digest, line = copy_line(event, chain.name, seq, ts, chain.cls, _clean_details(event), chain.hash)
+            chain.seq, chain.hash, chain.ts = seq, digest, ts
+            out.append((chain, seq, digest, ts, line))
         return out
 
-    def _copy(self, rows: list[tuple[_WriterChain, tuple[Any, ...]]]) -> None:
+    def _copy(self, rows: list[tuple[_WriterChain, int, bytes, datetime, str]]) -> None:
         t0 = time.perf_counter()
-        touched: dict[str, tuple[_WriterChain, tuple[Any, ...]]] = {}
+        touched: dict[str, tuple[_WriterChain, int, bytes, datetime, str]] = {}
+        for row in rows:
+            touched[row[0].name] = row  # the last record of each chain in this batch is its new head
+        data = "".join(row[4] for row in rows).encode()
         with self.pool.connection() as conn, conn.transaction():
-            for chain in {c.name: c for c, _ in rows}.values():
+            for chain, *_ in touched.values():
                 if not chain.announced:
                     self._announce(conn, chain)
-            with conn.cursor().copy(f"COPY audit_log ({_COLUMNS}) FROM STDIN") as copy:
-                for i, (chain, row) in enumerate(rows):
-                    if not i % (YIELD_EVERY * 4):
-                        time.sleep(0)
-                    copy.write_row(row)
-                    touched[chain.name] = (chain, row)
-            for chain, row in touched.values():
+            with conn.cursor().copy(f"COPY audit_log ({COPY_COLUMNS}) FROM STDIN") as copy:
+                for start in range(0, len(data), 1 << 20):
+                    copy.write(data[start:start + (1 << 20)])
+            for chain, seq, digest, ts, _line in touched.values():
                 conn.execute(
                     "UPDATE audit_heads SET seq = %s, hash = %s, ts = %s, updated_at = now() WHERE chain = %s",
-                    (row[2], row[12], row[0], chain.name),
+                    (seq, digest, ts, chain.name),
                 )
-        for chain, _ in touched.values():
+        for chain, *_ in touched.values():
             chain.announced = True
         BATCH_SECONDS.observe(time.perf_counter() - t0)
 
@@ -436,4 +524,6 @@ def new_audit_log(state: Any) -> AuditLog:
         tx_chains=s.audit_tx_chains,
         match_actions=frozenset(s.audit_match_actions),
         checkpoint_interval=s.audit_checkpoint_interval,
+        writer_process=s.audit_writer_process,
+        writer_nice=s.audit_writer_nice,
     )

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from appliance.audit import AuditEvent
-from appliance.audit.chain import build_record, canonical_json, header_hash, header_of, sanitize_details, ts_text
+from appliance.audit.chain import (
+    build_record,
+    canonical_json,
+    copy_line,
+    header_hash,
+    header_of,
+    sanitize_details,
+    ts_text,
+)
 
 
 @pytest.mark.parametrize("event", [
@@ -24,6 +33,32 @@ def test_hot_path_hash_equals_the_verifiers_hash(event: AuditEvent) -> None:
     assert header_hash(header_of(rec)).hex() == rec["hash"]
     assert details_json == canonical_json(details).decode()
     assert "\x00" not in (rec["object_id"] or "")
+
+
+EVENTS = [
+    AuditEvent("match", "apikey:x", outcome="match", subject_id=uuid.uuid4(), request_id="r1",
+               details={"model": "dlib-resnet-v1", "k": 5, "similarity": 0.9312}),
+    AuditEvent('a"ü\n\t\\', "x\\y\u2028\r", object_id="o\x00b\tj\\N", request_id="\\N",
+               details={"é": "\u00e9\n", "n": [1, 2.5, None, True], "d": {"z": 1, "a": "b\\"}}),
+    AuditEvent("subject.read", "cli:root"),
+]
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_copy_line_carries_the_same_record_and_hash(event: AuditEvent) -> None:
+    details, _ = sanitize_details(event.details)
+    ts = datetime.now(UTC)
+    rec, details_json = build_record(event, "w:h\tost:1:ab:audit", 42, ts, "audit", details, b"\x07" * 32)
+    digest, line = copy_line(event, "w:h\tost:1:ab:audit", 42, ts, "audit", details, b"\x07" * 32)
+    assert digest.hex() == rec["hash"] and line.endswith("\n") and line.count("\n") == 1
+    unescape = {"\\N": None}
+    fields = [unescape.get(f, f) for f in line[:-1].split("\t")]
+    assert len(fields) == 13
+    escapes = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}
+    decoded = [None if f is None else re.sub(r"\\(.)", lambda m: escapes[m.group(1)], f) for f in fields]
+    assert decoded[:11] == [rec["ts"], rec["chain"], "42", "audit", rec["actor"], rec["action"], rec["subject_id"],
+                            rec["object_id"], rec["outcome"], rec["request_id"], details_json]
+    assert fields[11:] == ["\\\\x" + "07" * 32, "\\\\x" + rec["hash"]]
 
 
 def test_timestamps_are_utc_microseconds_whatever_the_zone() -> None:

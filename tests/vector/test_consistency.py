@@ -67,14 +67,44 @@ def test_erased_subject_never_matches_while_feed_lags(state, second_worker, new_
     sid = new_subject()
     enrol(sid, v)
     assert wait_until(lambda: sid in _subjects(second_worker, v[0]))
-    second_worker.pause()
+    assert second_worker.pause()
     try:
         tombstone_subject(state, uuid.UUID(sid))
-        # Worker B has not read the feed, yet the Redis tombstone set is checked on every match.
+        # Worker B has not read the feed, yet it checks the host's tombstone file after every search.
         assert sid not in _subjects(second_worker, v[0])
         assert sid not in _subjects(state.extras["matcher"], v[0])
     finally:
         second_worker.resume()
+
+
+def _other_host_worker(state, path, redis_probe: bool) -> IndexService:  # type: ignore[no-untyped-def]
+    config = ServiceConfig.from_settings(state.settings)
+    config.snapshot_dir = path / "snap"
+    config.tombstone_file = path / "tombstones.bin"  # another host: it never sees our file
+    config.redis_probe = redis_probe
+    worker = IndexService(state.settings, state.pool, redis_client(state.settings), lambda: state.keys, config)
+    worker.start()
+    assert worker.wait_ready(60), worker.last_error
+    return worker
+
+
+@pytest.mark.parametrize("redis_probe", [True, False], ids=["redis-probe", "no-probe-control"])
+def test_lagging_worker_on_another_host_needs_the_redis_probe(state, tmp_path, new_subject, enrol, redis_probe):
+    """With its own tombstone file (another host) a paused worker is saved only by the Redis probe; the
+    control run without the probe shows the check is what hides the subject, not luck."""
+    v = unit(np.random.default_rng(14), 1)
+    sid = new_subject()
+    enrol(sid, v)
+    worker = _other_host_worker(state, tmp_path, redis_probe)
+    try:
+        assert wait_until(lambda: sid in _subjects(worker, v[0]))
+        assert worker.pause()
+        tombstone_subject(state, uuid.UUID(sid))
+        assert (sid in _subjects(worker, v[0])) is not redis_probe
+        worker.resume()
+        assert wait_until(lambda: sid not in _subjects(worker, v[0]))  # the feed delivers it in the end
+    finally:
+        worker.stop(save=False)
 
 
 def test_matching_continues_without_redis_and_resyncs_when_it_returns(stack, state, second_worker, new_subject,
