@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export APPLIANCE_VAR_DIR ?= var
 
-.PHONY: install up down status test lint deploy-tools deploy-lint deploy-check deploy-test openapi clean
+.PHONY: install up down status test lint deploy-tools deploy-lint deploy-check deploy-test openapi clean bench bench-1m bench-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,22 @@ deploy-check: $(STAMP) deploy-tools
 ## (2nd run changed=0), then the root booted with systemd-nspawn and converged twice more.
 deploy-test: $(STAMP)
 	VENV=$(CURDIR)/$(VENV) scripts/deploy-test.sh
+
+## wrk drives /v1/match from C, so the 2-core box measures the server, not a Python client (Debian's wrk).
+bench-tools:
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -qqy --no-install-recommends wrk >/dev/null; } \
+	    || echo "wrk unavailable: bench/match.py reports its Python client only"
+
+## Benchmarks (not in CI, ~10 min): JSON under bench/results/, each with its baseline from the same run.
+bench: $(STAMP) bench-tools
+	$(BIN)/python bench/match.py --n 10000 --n 100000
+	$(BIN)/python bench/enrol.py
+	$(BIN)/python bench/media.py
+	$(BIN)/python bench/audit.py
+
+## The 1M-encoding match benchmark (first run loads 1M encodings, ~1 h; later runs ~10 min).
+bench-1m: $(STAMP) bench-tools
+	$(BIN)/python bench/match.py --n 1000000 --skip-pgvector --keep-snapshot
 
 openapi: $(STAMP)
 	$(BIN)/appliance openapi --out openapi.json

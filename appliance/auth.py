@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from functools import cached_property
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -47,9 +48,9 @@ class ApiKey:
     created_at: datetime | None = None
     revoked_at: datetime | None = None
 
-    @property
+    @cached_property
     def actor(self) -> str:
-        """How the audit log names this caller: never the secret, only the key id."""
+        """How the audit log names this caller: never the secret, only the key id (cached: match path)."""
         return f"apikey:{self.id}"
 
     def allows(self, scope: Scope | str) -> bool:

@@ -171,7 +171,7 @@ class IndexService:
                 raise UnknownModel(f"unknown model {model!r}")
             raise IndexNotReady(f"the index of {model!r} is warming up")
         threshold = self.thresholds[model] if threshold is None else threshold
-        queries = mi.key.protect(vectors)
+        queries = mi.key.protect_query(vectors)  # validated by the caller (vector.templates)
         local = self.local_tombstones
         for _attempt in range(3):
             found = search_candidates(lambda w: mi.index.search(queries, w), len(queries), k, len(mi.index),

@@ -57,11 +57,13 @@ def _gaussian(okm: bytes, count: int) -> np.ndarray:
 class TemplateKey:
     """The secret rotation ``R`` of one model and seed version; ``protect`` maps raw vectors to templates."""
 
-    __slots__ = ("_matrix", "dim", "model", "version")
+    __slots__ = ("_matrix", "_matrix_t32", "dim", "model", "version")
 
     def __init__(self, matrix: np.ndarray, model: str, version: int) -> None:
         self._matrix = np.ascontiguousarray(matrix, dtype=np.float32)
         self._matrix.setflags(write=False)
+        self._matrix_t32 = np.ascontiguousarray(self._matrix.T)
+        self._matrix_t32.setflags(write=False)
         self.model = model
         self.version = version
         self.dim = int(self._matrix.shape[0])
@@ -82,6 +84,15 @@ class TemplateKey:
         q, upper = np.linalg.qr(gaussian)
         signs = np.where(np.diag(upper) < 0, -1.0, 1.0)
         return cls(q * signs, model, version)
+
+    def protect_query(self, x: np.ndarray) -> np.ndarray:
+        """``protect`` for rows already checked (finite, non-zero, right width): the match path's version.
+
+        R is orthogonal, so normalising after the rotation gives the same direction with fewer steps;
+        float32 throughout (queries need no float64 accumulation to rank neighbours)."""
+        y = x @ self._matrix_t32
+        y /= np.sqrt(np.einsum("ij,ij->i", y, y))[:, None]
+        return y
 
     def protect(self, v: np.ndarray) -> np.ndarray:
         """Return ``R @ normalise(v)`` as float32 for one vector (shape (d,)) or a batch (shape (n, d)).

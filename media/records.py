@@ -1,4 +1,7 @@
-"""The ``media`` table (migrations 0001 and 0003): one row per stored object, thumbnails as children.
+"""The ``media`` table (migrations 0001, 0003, 0005): one row per stored object, thumbnails as children.
+
+A row's sealed bytes are in the bucket under ``object_key`` or, for thumbnails since 0005, in the
+row itself (``sealed``); never both.
 
 Every function takes the caller's connection, so a row change and its audit record commit together.
 """
@@ -8,8 +11,9 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Callable
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 import psycopg
@@ -45,7 +49,7 @@ class MediaRow:
     parent_id: uuid.UUID | None
     camera_id: str | None
     kind: str  # image | clip | enrolment | thumbnail
-    object_key: str
+    object_key: str | None  # None: the sealed bytes are in ``sealed`` (thumbnails), not in the bucket
     content_type: str
     size_bytes: int
     sha256: bytes
@@ -56,11 +60,15 @@ class MediaRow:
     thumb_size: int | None = None
     width: int | None = None
     height: int | None = None
+    sealed: bytes | None = None  # the sealed object itself when it lives in the row
     created_at: datetime | None = None
+
+    def __repr__(self) -> str:  # the sealed bytes are noise in logs and tracebacks
+        return f"MediaRow(id={self.id}, kind={self.kind!r}, object_key={self.object_key!r})"
 
 
 _COLS = [f.name for f in fields(MediaRow)]
-_INSERT_COLS = [c for c in _COLS if c != "created_at"]
+_INSERT_COLS = [c for c in _COLS if c != "created_at"]  # set by the database
 COLUMNS = sql.SQL(", ").join(map(sql.Identifier, _COLS))
 _SELECT = sql.SQL("SELECT {} FROM media ").format(COLUMNS)
 _INSERT = sql.SQL("INSERT INTO media ({}) VALUES ({})").format(
@@ -70,14 +78,18 @@ _FOR_UPDATE = sql.SQL(" FOR UPDATE")
 _NOTHING = sql.SQL("")
 
 
+_insert_values = attrgetter(*_INSERT_COLS)
+
+
 def _row(values: tuple) -> MediaRow:  # type: ignore[type-arg]
     return MediaRow(*values)  # psycopg loads bytea as bytes
 
 
 def insert(conn: psycopg.Connection, rows: list[MediaRow]) -> None:
     """Insert parents before children (callers pass them in that order)."""
+    # attrgetter, not dataclasses.astuple: astuple deep-copies every field, sealed bytes included.
     with conn.cursor() as cur:
-        cur.executemany(_INSERT, [astuple(r)[: len(_INSERT_COLS)] for r in rows])
+        cur.executemany(_INSERT, [_insert_values(r) for r in rows])
 
 
 def get(conn: psycopg.Connection, media_id: uuid.UUID, lock: bool = False) -> MediaRow | None:

@@ -48,9 +48,15 @@ class SweepReport:
 
 
 def remove_objects(store: MediaStore, rows: list[MediaRow]) -> list[str]:
-    """Remove every version of each row's object; returns the keys. Raises StoreUnavailable midway."""
+    """Remove every version of each row's object; returns the keys. Raises StoreUnavailable midway.
+
+    Rows that carry their sealed bytes themselves (thumbnails, migration 0005) have no object: they
+    go with the row, and the erasure's VACUUM of ``media`` reclaims them.
+    """
     keys = []
     for row in rows:
+        if row.object_key is None:
+            continue
         store.remove_all_versions(row.object_key)
         keys.append(row.object_key)
     return keys
@@ -125,7 +131,8 @@ def delete_subject_media(state_or_clients: Any, conn: psycopg.Connection, subjec
     ``state_or_clients`` is an ``AppState`` (or anything with ``.s3`` and ``.settings.s3_bucket``), a
     ``MediaStore``, or a ``(minio.Minio, bucket)`` pair. Call it inside the erasure transaction; it
     locks the rows, is idempotent, and returns the object keys whose every version was removed
-    (thumbnails included). Raises ``media.errors.StoreUnavailable`` if S3 is down: retry the step.
+    (thumbnails stored as objects included; newer thumbnails live in their rows and go with them).
+    Raises ``media.errors.StoreUnavailable`` if S3 is down: retry the step.
     """
     store = _store_of(state_or_clients)
     rows = records.of_subject(conn, subject_id)

@@ -1,10 +1,11 @@
 """Upload, read, list and delete media: validation, sealing, the object store and rows, in a safe order.
 
 Write order (the invariant "no row ever references a half-written object"): validate → seal →
-upload every object → insert all rows and the audit record in one transaction. If an upload fails,
-no row is written (503); if the transaction fails, the uploaded versions are deleted again. Reads
-decrypt segment by segment, so memory stays flat for any size and a Range read fetches only the
-ciphertext segments covering it.
+upload the object → insert all rows and the audit record in one transaction. If the upload fails,
+no row is written (503); if the transaction fails, the uploaded versions are deleted again.
+Thumbnails are sealed like any object but travel inside their rows (migration 0005), so an image
+costs one S3 PUT, not three. Reads decrypt segment by segment, so memory stays flat for any size
+and a Range read fetches only the ciphertext segments covering it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, Protocol
@@ -25,10 +25,9 @@ from psycopg_pool import ConnectionPool
 
 from crypto.dek_cache import DekCache
 from crypto.errors import AuthenticationError
-from crypto.seal import new_dek
 from crypto.stream import HEADER_SIZE, open_range, open_stream, parse_header, sealed_size, segment_span
 from media import records
-from media.crypt import SEGMENT_SIZE, media_aad, seal_bytes, seal_chunks, wrap_context
+from media.crypt import SEGMENT_SIZE, DekReserve, ObjectDek, media_aad, seal_bytes, seal_chunks, wrap_context
 from media.errors import (
     MalformedMedia,
     MediaConflict,
@@ -39,7 +38,7 @@ from media.errors import (
 )
 from media.records import AuditHook, MediaRow
 from media.retention import Retention, remove_objects
-from media.store import MediaStore, object_key
+from media.store import MediaStore, object_key, read_sealed
 from media.streams import FullReader, parse_range, primed, read_up_to
 from media.thumbs import THUMB_SIZES, THUMB_TYPE, make_thumbnails
 from media.validate import CLIP_TYPES, SNIFF_BYTES, check_clip_head, sanitize_image, sniff
@@ -82,6 +81,25 @@ class UploadMeta:
     kind: str | None = None  # image | clip | enrolment; None: from the content
 
 
+@dataclass(frozen=True)
+class _NewRows:
+    """What every row of one upload shares; ``row`` makes one row sealed under ``key``."""
+
+    kind: str
+    subject_id: uuid.UUID | None
+    camera_id: str | None
+    captured_at: datetime
+    expires_at: datetime | None
+    now: datetime  # the upload time: names the object key's date folder
+
+    def row(self, key: ObjectDek, **fields: Any) -> MediaRow:
+        shared = {"id": key.media_id, "subject_id": self.subject_id, "parent_id": None, "camera_id": self.camera_id,
+                  "kind": self.kind, "object_key": None, "content_type": "", "size_bytes": 0, "sha256": b"",
+                  "wrapped_dek": key.wrapped, "kek_version": key.kek_version, "captured_at": self.captured_at,
+                  "expires_at": self.expires_at}
+        return MediaRow(**{**shared, **fields})
+
+
 @dataclass
 class Download:
     row: MediaRow
@@ -109,12 +127,12 @@ class MediaService:
         self.retention = retention or Retention()
         self.dek_cache = dek_cache or DekCache(1000, 60.0)  # clip players issue many Range reads
         self.bucket_ready = False
-        self._io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="media-io")  # S3 puts and KEK wraps
+        self.deks = DekReserve(lambda: self.source.keys)
         # Decoding is CPU-bound and a 50 MP image needs ~150 MB: more decodes than cores only add memory.
         self._decode_slots = threading.BoundedSemaphore(os.cpu_count() or 2)
 
     def close(self) -> None:
-        self._io.shutdown(wait=True)
+        self.deks.clear()
 
     def ensure_bucket(self) -> None:
         """Create the versioned bucket once per process (at start, or at the first upload if S3 was down)."""
@@ -135,89 +153,59 @@ class MediaService:
         fmt = sniff(head)
         kind = _kind_for(fmt, meta)
         now = datetime.now(UTC)
-        media_id = uuid.uuid4()
         captured = meta.captured_at or now
-        base = MediaRow(
-            id=media_id, subject_id=meta.subject_id, parent_id=None, camera_id=meta.camera_id, kind=kind,
-            object_key=object_key(media_id, now), content_type="", size_bytes=0, sha256=b"",
-            wrapped_dek=None, kek_version=None, captured_at=captured,
-            expires_at=self.retention.expires_at(kind, captured),
-        )
+        new = _NewRows(kind, meta.subject_id, meta.camera_id, captured, self.retention.expires_at(kind, captured), now)
         subject_dek = self._subject_dek(meta.subject_id) if meta.subject_id else None
         if fmt in CLIP_TYPES:
             check_clip_head(fmt, head)
-            row = replace(base, content_type=CLIP_TYPES[fmt])
-            rows = [self._store_clip(row, head, reader, subject_dek, length)]
+            rows = [self._store_clip(new, CLIP_TYPES[fmt], head, reader, subject_dek, length)]
         else:
-            rows = self._store_image(base, fmt, head, reader, subject_dek, now)
+            rows = self._store_image(new, fmt, head, reader, subject_dek)
         try:
             with self.pool.connection() as conn, conn.transaction():
                 if meta.subject_id is not None:
                     self._require_active(conn, meta.subject_id, lock=True)
                 records.insert(conn, rows)
                 details = {"kind": kind, "size": rows[0].size_bytes, "thumbnails": len(rows) - 1}
-                audit(conn, "media.create", rows[0].subject_id, str(media_id), details)
+                audit(conn, "media.create", rows[0].subject_id, str(rows[0].id), details)
         except BaseException:
             self._discard(rows)
             raise
         return rows
 
     def _store_image(
-        self, base: MediaRow, fmt: str, head: bytes, reader: BinaryIO, subject_dek: bytes | None, now: datetime
+        self, new: _NewRows, fmt: str, head: bytes, reader: BinaryIO, subject_dek: bytes | None
     ) -> list[MediaRow]:
+        """One PUT for the image; its thumbnails are sealed into their rows (a few KB each)."""
         cap = self.limits.image_bytes
         data = head + read_up_to(reader, cap + 1 - len(head))
         if len(data) > cap:
             raise MediaTooLarge(f"images are capped at {cap} bytes")
-        ids = [base.id] + [uuid.uuid4() for _ in THUMB_SIZES]
-        deks: list[bytes] = [subject_dek] * len(ids) if subject_dek else [new_dek() for _ in ids]
-        # The Vault round trip overlaps the decode and thumbnails below.
-        wrapping = None if subject_dek else self._io.submit(
-            self.source.keys.wrap_many, deks, [wrap_context(i) for i in ids])
         with self._decode_slots:
             clean = sanitize_image(data, fmt, self.limits.image_pixels)
             thumbs = make_thumbnails(clean.preview)
-        items = [(replace(base, content_type=clean.content_type, size_bytes=len(clean.data),
-                          sha256=hashlib.sha256(clean.data).digest(), width=clean.width, height=clean.height),
-                  clean.data)]
-        for tid, (size, thumb) in zip(ids[1:], thumbs.items(), strict=True):
-            items.append((replace(base, id=tid, parent_id=base.id, kind="thumbnail", object_key=object_key(tid, now),
-                                  content_type=THUMB_TYPE, size_bytes=len(thumb),
-                                  sha256=hashlib.sha256(thumb).digest(), thumb_size=size), thumb))
-        if wrapping is not None:
-            wrapped = wrapping.result()
-            version = self.source.keys.wrapped_version(wrapped[0])
-            items = [(replace(row, wrapped_dek=w, kek_version=version), pt)
-                     for (row, pt), w in zip(items, wrapped, strict=True)]
-        sealed = [(row, seal_bytes(dek, pt, row.id, row.kind)) for (row, pt), dek in zip(items, deks, strict=True)]
-        self._put_all(sealed)
-        return [row for row, _ in sealed]
-
-    def _put_all(self, sealed: list[tuple[MediaRow, bytes]]) -> None:
-        """Upload the objects in parallel; if any fails, delete the ones that made it and raise."""
-        futures = [(row, self._io.submit(self.store.put_bytes, row.object_key, blob)) for row, blob in sealed]
-        uploaded, failure = [], None
-        for row, future in futures:
-            try:
-                future.result()
-                uploaded.append(row)
-            except BaseException as exc:  # re-raised below, after cleanup
-                failure = failure or exc
-        if failure is not None:
-            self._discard(uploaded)
-            raise failure
+        key, *thumb_keys = self._keys(1 + len(thumbs), subject_dek)  # after validation: bad input is 4xx, not 503
+        where = object_key(key.media_id, new.now)
+        image = new.row(key, object_key=where, content_type=clean.content_type, size_bytes=len(clean.data),
+                        sha256=hashlib.sha256(clean.data).digest(), width=clean.width, height=clean.height)
+        rows = [image]
+        for tkey, (size, thumb) in zip(thumb_keys, thumbs.items(), strict=True):
+            rows.append(new.row(tkey, kind="thumbnail", parent_id=image.id, content_type=THUMB_TYPE,
+                                size_bytes=len(thumb), sha256=hashlib.sha256(thumb).digest(), thumb_size=size,
+                                sealed=seal_bytes(tkey.dek, thumb, tkey.media_id, "thumbnail")))
+        self.store.put_bytes(where, seal_bytes(key.dek, clean.data, image.id, image.kind))
+        return rows
 
     def _store_clip(
-        self, row: MediaRow, head: bytes, reader: BinaryIO, subject_dek: bytes | None, length: int | None
+        self, new: _NewRows, content_type: str, head: bytes, reader: BinaryIO, subject_dek: bytes | None,
+        length: int | None,
     ) -> MediaRow:
         cap = self.limits.clip_bytes
         if length is not None and length > cap:
             raise MediaTooLarge(f"clips are capped at {cap} bytes")
-        dek = subject_dek
-        if dek is None:
-            dek = new_dek()
-            wrapped = self.source.keys.wrap(dek, wrap_context(row.id))
-            row = replace(row, wrapped_dek=wrapped, kek_version=self.source.keys.wrapped_version(wrapped))
+        (key,) = self._keys(1, subject_dek)
+        where = object_key(key.media_id, new.now)
+        row = new.row(key, object_key=where, content_type=content_type)
         hasher, size = hashlib.sha256(), 0
 
         def plaintext() -> Iterator[bytes]:
@@ -231,15 +219,21 @@ class MediaService:
                 yield chunk
                 chunk = reader.read(CLIP_READ)
 
-        sealed = FullReader(seal_chunks(dek, plaintext(), row.id, row.kind))
+        sealed = FullReader(seal_chunks(key.dek, plaintext(), row.id, row.kind))
         try:
-            self.store.put_stream(row.object_key, sealed, None if length is None else sealed_size(length, SEGMENT_SIZE))
+            self.store.put_stream(where, sealed, None if length is None else sealed_size(length, SEGMENT_SIZE))
         except BaseException as exc:
             self._discard([row])  # an aborted multipart leaves nothing, but a failed "complete" might
             if type(exc) is OSError and length is not None and size != length:
                 raise MalformedMedia(f"the body ended after {size} of its declared {length} bytes") from None
             raise
         return replace(row, size_bytes=size, sha256=hasher.digest())
+
+    def _keys(self, count: int, subject_dek: bytes | None) -> list[ObjectDek]:
+        """Ids and DEKs for ``count`` new rows: the subject's DEK (nothing wrapped) or reserved per-object DEKs."""
+        if subject_dek is not None:
+            return [ObjectDek(uuid.uuid4(), subject_dek, None, None) for _ in range(count)]
+        return self.deks.take(count)
 
     def _subject_dek(self, subject_id: uuid.UUID) -> bytes:
         with self.pool.connection() as conn, conn.transaction():
@@ -257,6 +251,8 @@ class MediaService:
 
     def _discard(self, rows: list[MediaRow]) -> None:
         for row in rows:
+            if row.object_key is None:
+                continue  # in the row: the rolled-back insert took it
             try:
                 self.store.remove_all_versions(row.object_key)
             except MediaError:
@@ -311,16 +307,17 @@ class MediaService:
             "X-Content-Type-Options": "nosniff",
         }
         if span is None:
-            body = open_stream(dek, self.store.get(row.object_key), aad)
+            body = open_stream(dek, read_sealed(self.store, row.object_key, row.sealed), aad)
             headers["Content-Length"] = str(row.size_bytes)
             return Download(row, 200, headers, primed(body))
         first, last = span
-        header = self.store.read(row.object_key, 0, HEADER_SIZE)
+        header = b"".join(read_sealed(self.store, row.object_key, row.sealed, 0, HEADER_SIZE))
         try:
             seg = segment_span(first, last + 1, parse_header(header).segment_size, row.size_bytes)
         except AuthenticationError as exc:
             raise MediaError(f"stored object failed authentication: {exc}") from None
-        cipher = self.store.get(row.object_key, seg.cipher_start, seg.cipher_end - seg.cipher_start)
+        length = seg.cipher_end - seg.cipher_start
+        cipher = read_sealed(self.store, row.object_key, row.sealed, seg.cipher_start, length)
         body = open_range(dek, header, cipher, first, last + 1, row.size_bytes, aad)
         headers["Content-Range"] = f"bytes {first}-{last}/{row.size_bytes}"
         headers["Content-Length"] = str(last - first + 1)

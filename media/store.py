@@ -22,7 +22,7 @@ from minio.versioningconfig import ENABLED, VersioningConfig
 
 from media.errors import MediaGone, StoreUnavailable
 
-__all__ = ["MIN_PART_SIZE", "MediaStore", "object_key"]
+__all__ = ["MIN_PART_SIZE", "MediaStore", "object_key", "read_sealed"]
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every multipart part but the last
 READ_CHUNK = 256 * 1024
@@ -121,3 +121,18 @@ class MediaStore:
                 self.client.remove_object(self.bucket, key, version_id=version_id)
             removed += 1
         return removed
+
+
+def read_sealed(
+    store: MediaStore, key: str | None, inline: bytes | None, offset: int = 0, length: int = 0
+) -> Iterator[bytes]:
+    """A media row's sealed bytes (``length`` of them from ``offset``; 0: to the end), wherever they live.
+
+    Thumbnails carry theirs in the row (``inline``, migration 0005); everything else, and thumbnails
+    written before that, is an object in the bucket under ``key``.
+    """
+    if inline is not None:
+        return iter((inline[offset : offset + length] if length else inline[offset:],))
+    if key is None:
+        raise MediaGone("this media row has neither an object nor inline content")
+    return store.get(key, offset, length)

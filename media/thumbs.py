@@ -19,7 +19,9 @@ def make_thumbnails(image: Image.Image, sizes: tuple[int, ...] = THUMB_SIZES) ->
     work.info = {}
     out: dict[int, bytes] = {}
     for size in sorted(sizes, reverse=True):
-        work.thumbnail((size, size), Image.Resampling.BICUBIC)
+        # Bilinear (antialiased, as every Pillow downscale): two thirds of bicubic's cost at these small
+        # ratios (the preview is already decoded at 1/2..1/8 scale), and no visible loss at 128-256 px.
+        work.thumbnail((size, size), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
         work.save(buf, "WEBP", quality=80, method=0)
         out[size] = buf.getvalue()

@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 
+import numpy as np
+
 from vector.index import Hits
 
 
@@ -43,12 +45,36 @@ def best_per_subject(hits: Hits, row: int, k: int, dead: Container[int]) -> tupl
     Returns (candidates, exhausted): exhausted is True when the hit list ran out before k subjects,
     so the caller may search again with a larger k.
     """
+    labels = hits.labels[row].tolist()
+    if not labels or labels[-1] < 0 or (dead and not _disjoint(dead, labels)):
+        return _best_per_subject_slow(hits, row, labels, k, dead)
+    # Common case (no padding, no tombstone among the hits): the first position of each subject,
+    # found with C-level dict building instead of a Python loop over every hit (~6x cheaper at 96).
+    halves = np.ascontiguousarray(hits.subjects[row]).view("<u8")
+    keys = list(zip(halves[:, 0].tolist(), halves[:, 1].tolist(), strict=True))
+    first = sorted(dict(zip(reversed(keys), range(len(keys) - 1, -1, -1), strict=True)).values())
+    subjects = hits.subjects[row].tobytes()
+    encodings = hits.encodings[row].tobytes()
+    sims = hits.sims[row].tolist()
+    out = [Candidate(subjects[16 * j: 16 * j + 16], encodings[16 * j: 16 * j + 16], labels[j], sims[j])
+           for j in first[:k]]
+    return out, len(first) < k
+
+
+def _disjoint(dead: Container[int], labels: list[int]) -> bool:
+    if isinstance(dead, set | frozenset):
+        return dead.isdisjoint(labels)
+    return not any(label in dead for label in labels)
+
+
+def _best_per_subject_slow(hits: Hits, row: int, labels: list[int], k: int,
+                           dead: Container[int]) -> tuple[list[Candidate], bool]:
     out: list[Candidate] = []
     seen: set[bytes] = set()
     subjects = hits.subjects[row].tobytes()  # one copy per row, then slices: no per-hit numpy calls
     encodings = hits.encodings[row].tobytes()
     sims = hits.sims[row].tolist()
-    for j, label in enumerate(hits.labels[row].tolist()):
+    for j, label in enumerate(labels):
         if label < 0 or label in dead:
             continue
         subject = subjects[16 * j: 16 * j + 16]

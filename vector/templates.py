@@ -41,7 +41,7 @@ def from_float32_bytes(body: bytes, dim: int) -> np.ndarray:
     """Parse a raw little-endian float32 body of n*dim values (the pipelines' zero-JSON path)."""
     if not body or len(body) % (4 * dim):
         raise InvalidVector(f"raw body must be a whole number of {dim}-dimension float32 vectors")
-    return check_matrix(np.frombuffer(body, dtype=FLOAT32_LE).reshape(-1, dim).astype(np.float32))
+    return check_matrix(np.frombuffer(body, dtype=FLOAT32_LE).reshape(-1, dim))  # read-only view, no copy
 
 
 def check_matrix(x: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -47,6 +48,7 @@ def rotate_kek(
     The service keeps serving: old versions still unwrap until `retire-old`.
     """
     from appliance.keyring import TABLES, rewrap_backups, rewrap_table, version_counts
+    from media.crypt import RESERVE_MAX_AGE
 
     settings, dsn, provider = _context()
     if not resume:
@@ -64,6 +66,11 @@ def rotate_kek(
                     last[0] = p.rewrapped
 
                 rewrap_table(conn, provider, table, batch_size, advance)
+        # API workers seal uploads with media DEKs wrapped up to RESERVE_MAX_AGE seconds before use
+        # (media.crypt.DekReserve), so rows inserted meanwhile may still name the old version: wait
+        # that long, then sweep media once more, so `rotate-kek && retire-old` is safe for uploads.
+        time.sleep(RESERVE_MAX_AGE + 1)
+        rewrap_table(conn, provider, next(t for t in TABLES if t.table == "media"), batch_size)
     from appliance import clients
 
     moved = rewrap_backups(clients.s3_client(settings), settings.s3_backup_bucket, provider)

@@ -132,7 +132,7 @@ def _stream(state: Any, subject_id: uuid.UUID, meta: dict[str, Any], encodings: 
 def _open_media(state: Any, row: dict[str, Any], subject_dek: bytes | None) -> Iterator[bytes]:
     from crypto.stream import open_stream
     from media.crypt import media_aad, wrap_context
-    from media.store import MediaStore
+    from media.store import MediaStore, read_sealed
 
     if row["wrapped_dek"] is None:
         dek = subject_dek
@@ -142,7 +142,8 @@ def _open_media(state: Any, row: dict[str, Any], subject_dek: bytes | None) -> I
         return
     service = state.extras.get("media")
     store = service.store if service is not None else MediaStore(state.s3, state.settings.s3_bucket)
-    yield from open_stream(dek, store.get(row["object_key"]), media_aad(row["id"], row["kind"]))
+    inline = None if row["sealed"] is None else bytes(row["sealed"])  # thumbnails live in their rows
+    yield from open_stream(dek, read_sealed(store, row["object_key"], inline), media_aad(row["id"], row["kind"]))
 
 
 def _audit_history(state: Any, subject_id: uuid.UUID) -> Iterator[bytes]:

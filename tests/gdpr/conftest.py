@@ -89,8 +89,9 @@ def holdings(admin_dsn: str, subject_id: str) -> dict[str, Any]:
     """Everything stored about the subject, read with the owner role."""
     queries = {
         "encodings": "SELECT id, label FROM encodings WHERE subject_id = %(s)s ORDER BY label",
-        "media": "SELECT object_key FROM media WHERE subject_id = %(s)s "
-                 "OR parent_id IN (SELECT id FROM media WHERE subject_id = %(s)s) ORDER BY object_key",
+        # (id, object_key): thumbnails keep their sealed bytes in the row, so their object_key is NULL.
+        "media": "SELECT id, object_key FROM media WHERE subject_id = %(s)s "
+                 "OR parent_id IN (SELECT id FROM media WHERE subject_id = %(s)s) ORDER BY id",
         "key": "SELECT key_id FROM subject_keys WHERE subject_id = %(s)s",
         "subject": "SELECT state, label_sealed, external_ref FROM subjects WHERE id = %(s)s",
     }

@@ -37,6 +37,10 @@ def test_access_export_is_a_signed_zip_of_decrypted_data_and_history(gdpr_client
     photo = next(m for m in media if m["id"] == subject["media"]["id"])
     content = zf.read(photo["file"])
     assert content[:3] == b"\xff\xd8\xff" and hashlib.sha256(content).hexdigest() == subject["media"]["sha256"]
+    thumbnails = [m for m in media if m["kind"] == "thumbnail"]  # sealed in their rows, opened like objects
+    assert len(thumbnails) == 2
+    for thumb in thumbnails:
+        assert zf.read(thumb["file"])[8:12] == b"WEBP" and thumb["content_type"] == "image/webp"
 
     history = [json.loads(line) for line in zf.read("audit.jsonl").splitlines()]
     actions = {h["action"] for h in history}

@@ -7,6 +7,7 @@ import io
 import uuid
 
 import psycopg
+import pytest
 from PIL import Image
 
 from tests.media import samples
@@ -66,21 +67,70 @@ def test_png_and_webp_are_accepted_and_stripped(client, media_headers):
         assert not Image.open(io.BytesIO(served.content)).getexif()
 
 
-def test_raw_objects_in_the_bucket_contain_none_of_the_plaintext(client, media_headers, media_store, admin_dsn):
+def _stored(admin_dsn: str, media_id: str) -> list[tuple]:  # type: ignore[type-arg]
+    """(kind, object_key, sealed) of a media row and its thumbnails, parent first."""
+    with psycopg.connect(admin_dsn) as conn:
+        return conn.execute("SELECT kind, object_key, sealed FROM media WHERE id = %s OR parent_id = %s "
+                            "ORDER BY parent_id NULLS FIRST, thumb_size", (media_id, media_id)).fetchall()
+
+
+def test_raw_objects_in_the_bucket_and_rows_contain_none_of_the_plaintext(client, media_headers, media_store,
+                                                                         admin_dsn):
     info = _upload(client, media_headers, samples.jpeg()).json()
     plaintext = client.get(f"/v1/media/{info['id']}", headers=media_headers).content
-    thumb = client.get(f"/v1/media/{info['id']}/thumbnail", params={"size": 128}, headers=media_headers).content
-    with psycopg.connect(admin_dsn) as conn:
-        keys = [k for (k,) in conn.execute("SELECT object_key FROM media WHERE id = %s OR parent_id = %s",
-                                           (info["id"], info["id"]))]
-    assert len(keys) == 3
-    for key in keys:
-        assert str(info["id"]) not in key or key.endswith(info["id"])  # captures/YYYY/MM/DD/<uuid> only
-        raw = media_store.read(key)
-        for pt in (plaintext, thumb):
+    thumbs = [client.get(f"/v1/media/{info['id']}/thumbnail", params={"size": size}, headers=media_headers).content
+              for size in (128, 256)]
+    stored = _stored(admin_dsn, info["id"])
+    # One object (the image) in the bucket; each thumbnail sealed in its own row, no object.
+    assert [(kind, key is None, sealed is None) for kind, key, sealed in stored] == [
+        ("image", False, True), ("thumbnail", True, False), ("thumbnail", True, False)]
+    key = stored[0][1]
+    assert key.startswith("captures/") and key.endswith(info["id"])  # captures/YYYY/MM/DD/<uuid> only
+    for raw in [media_store.read(key), *(bytes(sealed) for _, _, sealed in stored[1:])]:
+        for pt in (plaintext, *thumbs):
             for start in range(0, len(pt) - 32, max(1, len(pt) // 16)):
                 assert pt[start : start + 32] not in raw
         assert b"JFIF" not in raw and b"WEBP" not in raw
+
+
+def test_a_thumbnail_sealed_in_its_row_opens_only_in_that_row(client, media_headers, admin_dsn):
+    """The AEAD binds the sealed bytes to the row's id: copied onto another thumbnail they fail to open."""
+    a, b = (_upload(client, media_headers, samples.jpeg(samples.photo(seed=seed))).json()["id"] for seed in (1, 2))
+    with psycopg.connect(admin_dsn) as conn:
+        conn.execute("UPDATE media SET sealed = (SELECT sealed FROM media WHERE parent_id = %s AND thumb_size = 128) "
+                     "WHERE parent_id = %s AND thumb_size = 128", (a, b))
+    assert client.get(f"/v1/media/{a}/thumbnail", params={"size": 128}, headers=media_headers).status_code == 200
+    r = client.get(f"/v1/media/{b}/thumbnail", params={"size": 128}, headers=media_headers)
+    assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
+
+
+def test_thumbnails_stored_as_objects_before_migration_0005_are_still_served(client, media_headers, media_store,
+                                                                           admin_dsn):
+    """Rows written before thumbnails moved into the database keep their objects; reads and delete find them."""
+    media_id = _upload(client, media_headers, samples.jpeg()).json()["id"]
+    served = client.get(f"/v1/media/{media_id}/thumbnail", params={"size": 256}, headers=media_headers).content
+    key = f"captures/2025/01/01/{uuid.uuid4()}"
+    with psycopg.connect(admin_dsn) as conn:  # move the sealed bytes out, as the old code stored them
+        (sealed,) = conn.execute("SELECT sealed FROM media WHERE parent_id = %s AND thumb_size = 256",
+                                 (media_id,)).fetchone()
+        media_store.put_bytes(key, bytes(sealed))
+        conn.execute("UPDATE media SET object_key = %s, sealed = NULL WHERE parent_id = %s AND thumb_size = 256",
+                     (key, media_id))
+    again = client.get(f"/v1/media/{media_id}/thumbnail", params={"size": 256}, headers=media_headers)
+    assert again.status_code == 200 and again.content == served
+    assert client.delete(f"/v1/media/{media_id}", headers=media_headers).status_code == 204
+    assert media_store.versions(key) == []
+
+
+def test_a_media_row_stores_its_bytes_in_exactly_one_place(client, media_headers, admin_dsn):
+    media_id = _upload(client, media_headers, samples.jpeg()).json()["id"]
+    with psycopg.connect(admin_dsn) as conn:
+        for stmt in ("UPDATE media SET sealed = NULL WHERE parent_id = %s",  # nowhere
+                     "UPDATE media SET object_key = 'captures/x' WHERE parent_id = %s",  # both
+                     "UPDATE media SET object_key = NULL, sealed = '\\x00' WHERE id = %s"):  # not a thumbnail
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute(stmt, (media_id,))
+            conn.rollback()
 
 
 def test_thumbnails_are_webp_within_their_size(client, media_headers):
@@ -150,9 +200,7 @@ def test_media_needs_the_media_scope(client, make_key):
 
 def test_delete_removes_every_object_version(client, media_headers, media_store, admin_dsn):
     media_id = _upload(client, media_headers, samples.jpeg()).json()["id"]
-    with psycopg.connect(admin_dsn) as conn:
-        keys = [k for (k,) in conn.execute("SELECT object_key FROM media WHERE id = %s OR parent_id = %s",
-                                           (media_id, media_id))]
+    keys = [key for _, key, _ in _stored(admin_dsn, media_id) if key is not None]
     # A second version and a delete marker: what a careless overwrite or plain DELETE would leave behind.
     media_store.put_bytes(keys[0], b"second version")
     media_store.client.remove_object(media_store.bucket, keys[0])
@@ -161,6 +209,7 @@ def test_delete_removes_every_object_version(client, media_headers, media_store,
     for key in keys:
         assert list(media_store.client.list_objects(media_store.bucket, prefix=key, include_version=True)) == []
     assert _row(admin_dsn, media_id) is None
+    assert _stored(admin_dsn, media_id) == []  # the thumbnail rows, and the sealed bytes in them, went too
     assert client.get(f"/v1/media/{media_id}", headers=media_headers).status_code == 404
     assert client.delete(f"/v1/media/{media_id}", headers=media_headers).status_code == 404
 

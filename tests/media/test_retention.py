@@ -29,8 +29,9 @@ def _audit(conn, action, subject_id, object_id, details):  # type: ignore[no-unt
 
 
 def _keys(conn, media_id: str) -> list[str]:  # type: ignore[no-untyped-def]
-    return [k for (k,) in conn.execute("SELECT object_key FROM media WHERE id = %s OR parent_id = %s",
-                                       (media_id, media_id))]
+    """Object keys of a media and its thumbnails (thumbnails in their rows have none)."""
+    return [k for (k,) in conn.execute("SELECT object_key FROM media WHERE (id = %s OR parent_id = %s) "
+                                       "AND object_key IS NOT NULL", (media_id, media_id))]
 
 
 @pytest.fixture
@@ -67,6 +68,9 @@ def test_sweep_removes_only_expired_media_with_every_version(app, client, aged, 
             "SELECT object_id FROM audit_log WHERE action = 'media.expire' AND object_id = ANY(%s)",
             ([ids["old_image"], ids["old_clip"]],))}
     assert present == {"new_image", "new_clip", "enrolment"}
+    with psycopg.connect(admin_dsn) as conn:  # thumbnails sealed in their rows go with their parent
+        assert conn.execute("SELECT count(*) FROM media WHERE parent_id = %s", (ids["old_image"],)).fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM media WHERE parent_id = %s", (ids["new_image"],)).fetchone() == (2,)
     assert audited == {ids["old_image"], ids["old_clip"]}
     for name in ("old_image", "old_clip"):
         for key in keys[name]:

@@ -137,3 +137,19 @@ def raw_not_in_file(path: Path, batch: TemplateBatch) -> bool:
     """The snapshot is sealed: no template's bytes appear in the clear."""
     blob = path.read_bytes()
     return all(batch.templates[i].tobytes()[:32] not in blob for i in range(0, len(batch), 50))
+
+
+def test_fast_and_slow_de_duplication_agree() -> None:
+    """The dict-based common case and the loop used with tombstones or padding choose the same hits."""
+    from vector.matcher import _best_per_subject_slow
+
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        n = int(rng.integers(1, 120))
+        batch = _batch(n, per_subject=int(rng.integers(1, 8)))
+        index = HotIndex.build(DIM, batch)
+        hits = index.search(batch.templates[int(rng.integers(0, n)):][:1], int(rng.integers(1, n + 1)))
+        k = int(rng.integers(1, 12))
+        fast = best_per_subject(hits, 0, k, set())
+        slow = _best_per_subject_slow(hits, 0, hits.labels[0].tolist(), k, set())
+        assert fast == slow, trial
