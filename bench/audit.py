@@ -265,6 +265,7 @@ def _load_process(dsn: str, rate: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with Pacer(log, rate) as pacer:
         done.wait()
+    log.stop(checkpoint=False)  # its writer process commits what it holds and exits
     print(round(pacer.submitted / pacer.seconds), flush=True)
     os._exit(0)
 

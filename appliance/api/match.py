@@ -15,6 +15,7 @@ documents, metrics, access log) inline. Tests prove both doors give the same ans
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import uuid
@@ -235,7 +236,7 @@ class FastMatch:
                 rid = value
         rid_text = rid.decode("latin-1") if rid is not None else ""
         if not REQUEST_ID_RE.match(rid_text):
-            rid_text = uuid.uuid4().hex
+            rid_text = os.urandom(16).hex()  # same shape as uuid4().hex, a third of the cost
         try:
             state = getattr(self.app.state, "appliance", None)
             if state is None:

@@ -72,6 +72,7 @@ _STOP = object()  # ends the copier thread
 # The writer threads share the GIL with the match path: they yield it this often (≈ 0.5 ms of work)
 # so a waiting request thread runs at once instead of after CPython's 5 ms switch interval.
 YIELD_EVERY = 16
+FEED_CHUNK = 512  # events per message to the writer process (~1 ms of GIL to convert and pickle here)
 
 
 def _row(rec: dict[str, Any], ts: datetime, details_json: str) -> tuple[Any, ...]:
@@ -177,6 +178,7 @@ class AuditLog:
         self.checkpoint_interval = checkpoint_interval
         self.chain_base = chain_base or f"w:{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.writer_process = writer_process
+        self.shares_gil = True  # False in the writer process: no request thread to yield the GIL to
         self.writer_nice = writer_nice
         self.child: WriterProcess | None = None
         self._markers: dict[int, _Flush] = {}
@@ -357,8 +359,11 @@ class AuditLog:
                 pass
             QUEUE_DEPTH.set(len(self._queue))
             try:
-                if batch:
-                    child.send_batch(batch)
+                for start in range(0, len(batch), FEED_CHUNK):
+                    # Converting and pickling holds the GIL: a few hundred events at a time, then let a
+                    # request thread run, so a match never waits a whole 5 ms switch interval for it.
+                    child.send_batch(batch[start:start + FEED_CHUNK])
+                    time.sleep(0)
                 for m in markers:
                     marker_id = next(self._marker_ids)
                     self._markers[marker_id] = m
@@ -438,8 +443,9 @@ class AuditLog:
     def _chain(self, batch: list[AuditEvent]) -> list[tuple[_WriterChain, int, bytes, datetime, str]]:
         """Hash each event onto its chain and format its COPY line: (chain, seq, hash, ts, line) per event."""
         out = []
+        yield_every = YIELD_EVERY if self.shares_gil else 1 << 30
         for i, event in enumerate(batch):
-            if not i % YIELD_EVERY:
+            if not i % yield_every:
                 time.sleep(0)  # hand the GIL to request threads now, not after the 5 ms switch interval
             chain = self.chains[action_class(event.action, self.match_actions)]
             ts = max(_event_ts(event), chain.ts)

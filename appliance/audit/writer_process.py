@@ -41,10 +41,18 @@ def to_tuple(e: AuditEvent) -> EventTuple:
             e.object_id, e.request_id, e.details)
 
 
+class _Event:
+    """What the chain code reads of an ``AuditEvent``, without a frozen dataclass's costly __init__."""
+
+    __slots__ = ("action", "actor", "details", "object_id", "outcome", "request_id", "subject_id", "ts")
+
+    def __init__(self, t: EventTuple) -> None:
+        (self.ts, self.action, self.actor, self.outcome, self.subject_id, self.object_id, self.request_id,
+         self.details) = t
+
+
 def from_tuple(t: EventTuple) -> AuditEvent:
-    ts, action, actor, outcome, subject, object_id, request_id, details = t
-    return AuditEvent(action, actor, outcome=outcome, subject_id=subject, object_id=object_id,  # type: ignore[arg-type]
-                      request_id=request_id, details=details, ts=ts)
+    return _Event(t)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,10 @@ class _Duplex:
 
     def recv_bytes(self) -> bytes:
         return self._r.recv_bytes()
+
+    def poll(self) -> bool:
+        """Is another message already waiting?"""
+        return self._r.poll(0)
 
     def send_bytes(self, data: bytes) -> None:
         self._w.send_bytes(data)
@@ -94,30 +106,45 @@ def child_main(read_fd: int, write_fd: int) -> None:
     pool = ConnectionPool(config.dsn, min_size=1, max_size=2, open=True)
     writer = AuditLog(pool, keys=None, tx_chains=config.tx_chains, match_actions=config.match_actions,
                       checkpoint_interval=0, chain_base=config.chain_base)
+    writer.shares_gil = False
     lock = threading.Lock()
 
     def reply(message: tuple[str, Any]) -> _Reply:
         return _Reply(conn, lock, message)
 
     put, close = writer.pipeline()
+    events: list[AuditEvent] = []
+    acks: list[_Reply] = []
+
+    def hand_over() -> None:  # one COPY transaction for everything that arrived together
+        nonlocal events, acks
+        if events or acks:
+            put(events, acks)
+            events, acks = [], []
+
     try:
         writer.resume_chains()
         while True:
-            kind, payload = pickle.loads(conn.recv_bytes())  # noqa: S301 - our own anonymous pipe
+            try:
+                kind, payload = pickle.loads(conn.recv_bytes())  # noqa: S301 - our own anonymous pipe
+            except (EOFError, OSError):  # the parent is gone: commit what we hold, then exit
+                writer._stop.set()  # a PostgreSQL outage now ends the retries instead of hanging on
+                kind, payload = "stop", None
             if kind == "batch":
                 batch_id, tuples = payload
-                put([from_tuple(t) for t in tuples], [reply(("done", (batch_id, len(tuples))))])
+                events.extend(from_tuple(t) for t in tuples)
+                acks.append(reply(("done", (batch_id, len(tuples)))))
             elif kind == "flush":
-                put([], [reply(("flushed", payload))])
+                acks.append(reply(("flushed", payload)))
             elif kind == "stop":
+                hand_over()
                 close()
                 reply(("stopped", None)).done.set()
                 return
-    except (EOFError, OSError):  # the parent is gone: nothing more will come
-        return
+            if len(events) >= writer.batch_max or not conn.poll():
+                hand_over()
     except Exception as exc:
-        with contextlib.suppress(Exception):
-            reply(("error", f"{type(exc).__name__}: {exc}")).done.set()
+        reply(("error", f"{type(exc).__name__}: {exc}")).done.set()
         raise
     finally:
         pool.close()
@@ -131,7 +158,7 @@ class _Reply:
         self.done = self
 
     def set(self) -> None:
-        with self.lock:
+        with self.lock, contextlib.suppress(OSError):  # a parent that is gone needs no answer
             self.conn.send_bytes(pickle.dumps(self.message))
 
 
@@ -166,7 +193,8 @@ class WriterProcess:
         from_child_r, from_child_w = os.pipe()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.audit.writer_process", str(to_child_r), str(from_child_w)],
-            pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, close_fds=True,
+            pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            close_fds=True,  # stderr stays: the child's error logs go where the service's go
         )
         os.close(to_child_r)
         os.close(from_child_w)
