@@ -315,18 +315,9 @@ class AuditLog:
             return
         copier = threading.Thread(target=self._run_copier, name="audit-copier", daemon=True)
         copier.start()
-        pop = self._queue.popleft
         while True:
             stopping = self._stop.is_set()
-            batch: list[AuditEvent] = []
-            markers: list[_Flush] = []
-            try:
-                while len(batch) < self.batch_max:
-                    item = pop()
-                    (markers if type(item) is _Flush else batch).append(item)  # type: ignore[arg-type]
-            except IndexError:
-                pass
-            QUEUE_DEPTH.set(len(self._queue))
+            batch, markers = self._take()
             if batch or markers:
                 self._batches.put((self._chain(batch), markers))  # hashes are fixed from here on
             elif stopping:
@@ -337,6 +328,20 @@ class AuditLog:
         self._batches.put(_STOP)
         copier.join()
 
+    def _take(self) -> tuple[list[AuditEvent], list[_Flush]]:
+        """Up to ``batch_max`` queued events, and the flush markers among them."""
+        pop = self._queue.popleft
+        batch: list[AuditEvent] = []
+        markers: list[_Flush] = []
+        try:
+            while len(batch) < self.batch_max:
+                item = pop()
+                (markers if type(item) is _Flush else batch).append(item)  # type: ignore[arg-type]
+        except IndexError:
+            pass
+        QUEUE_DEPTH.set(len(self._queue))
+        return batch, markers
+
     def _run_feeder(self) -> None:
         """Process mode: pop batches and hand them to the writer process; markers follow their batch."""
         from appliance.audit.writer_process import ChildConfig, WriterProcess
@@ -346,18 +351,9 @@ class AuditLog:
             ChildConfig(dsn, self.chain_base, self.tx_chains, self.match_actions, self.writer_nice),
             on_flushed=self._flushed, on_written=lambda n: EVENTS.labels("queue").inc(n))
         child.start()
-        pop = self._queue.popleft
         while True:
             stopping = self._stop.is_set()
-            batch: list[AuditEvent] = []
-            markers: list[_Flush] = []
-            try:
-                while len(batch) < self.batch_max:
-                    item = pop()
-                    (markers if type(item) is _Flush else batch).append(item)  # type: ignore[arg-type]
-            except IndexError:
-                pass
-            QUEUE_DEPTH.set(len(self._queue))
+            batch, markers = self._take()
             try:
                 for start in range(0, len(batch), FEED_CHUNK):
                     # Converting and pickling holds the GIL: a few hundred events at a time, then let a
