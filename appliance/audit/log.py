@@ -72,7 +72,7 @@ _STOP = object()  # ends the copier thread
 # The writer threads share the GIL with the match path: they yield it this often (≈ 0.5 ms of work)
 # so a waiting request thread runs at once instead of after CPython's 5 ms switch interval.
 YIELD_EVERY = 16
-FEED_CHUNK = 512  # events per message to the writer process (~1 ms of GIL to convert and pickle here)
+FEED_CHUNK = 128  # events per message to the writer process (< 1 ms of GIL to convert and pickle here)
 
 
 def _row(rec: dict[str, Any], ts: datetime, details_json: str) -> tuple[Any, ...]:
