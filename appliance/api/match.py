@@ -259,16 +259,14 @@ class FastMatch:
         self._record(status, start, rid_text)
 
     async def _body(self, receive: Any) -> bytes:
-        message = await receive()
-        body = message.get("body", b"")
-        while message.get("more_body"):
+        body, more = b"", True
+        while more:
             message = await receive()
             body += message.get("body", b"")
+            more = message.get("more_body", False)
             if len(body) > self.max_body:
                 raise _TooLarge(f"request body exceeds {self.max_body} bytes")
-        if len(body) > self.max_body:
-            raise _TooLarge(f"request body exceeds {self.max_body} bytes")
-        return body  # type: ignore[no-any-return]
+        return body
 
     def _problem(self, exc: Exception, rid: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         if isinstance(exc, _TooLarge):

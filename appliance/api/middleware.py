@@ -13,6 +13,7 @@ import structlog
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.api.problems import problem_document
 from appliance.logs import get_logger
 
 log = get_logger("appliance.access")
@@ -106,14 +107,8 @@ class RequestContext:
 
 
 async def _too_large(scope: Scope, send: Send, rid: str, limit: int) -> None:
-    body = json.dumps({
-        "type": "https://appliance.invalid/problems/payload-too-large",
-        "title": "Payload too large",
-        "status": 413,
-        "detail": f"request body exceeds {limit} bytes",
-        "instance": scope["path"],
-        "request_id": rid,
-    }).encode()
+    body = json.dumps(problem_document(413, "Payload too large", f"request body exceeds {limit} bytes",
+                                       "payload-too-large", scope["path"], rid)).encode()
     await send({"type": "http.response.start", "status": 413, "headers": [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(body)).encode()),

@@ -284,9 +284,6 @@ class WriterProcess:
         self._conn.close()
         return stopped
 
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
 
 if __name__ == "__main__":
     child_main(int(sys.argv[1]), int(sys.argv[2]))

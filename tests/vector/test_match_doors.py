@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -19,16 +18,8 @@ from vector.matcher import Candidate, uuid_text
 FAST_KEYS = [("POST", "/v1/match"), ("POST", "/v1/match:batch")]
 
 
-@pytest.fixture
-def routed(ready_client) -> Iterator[None]:  # type: ignore[no-untyped-def]
-    """Switch the fast door off for the duration of a block (the routes stay registered)."""
-    table = ready_client.app.state.fast_routes
-    saved = {k: table.pop(k) for k in FAST_KEYS}
-    yield
-    table.update(saved)
-
-
-def _both(ready_client, routed_switch, send) -> tuple[Any, Any]:  # type: ignore[no-untyped-def]
+def _both(ready_client, send) -> tuple[Any, Any]:  # type: ignore[no-untyped-def]
+    """``send()`` through the fast door, then again with it switched off (the routes stay registered)."""
     fast = send()
     table = ready_client.app.state.fast_routes
     saved = {k: table.pop(k) for k in FAST_KEYS}
@@ -66,7 +57,7 @@ def test_fast_and_routed_doors_answer_alike(ready_client, match_headers, name, r
                                      headers={**match_headers, "Content-Type": "application/octet-stream"})
         return ready_client.post(path, content=req["text"], headers={**match_headers, "Content-Type": "text/plain"})
 
-    fast, slow = _both(ready_client, None, send)
+    fast, slow = _both(ready_client, send)
     assert fast.status_code == slow.status_code, (fast.text, slow.text)
     assert fast.headers["content-type"] == slow.headers["content-type"]
     a, b = fast.json(), slow.json()
@@ -81,7 +72,7 @@ def test_auth_errors_alike(ready_client, make_key):  # type: ignore[no-untyped-d
     enroll_only = make_key("enroll", name="doors-enroll")
     body = {"model": MODEL, "embedding": [0.3] * DIM}
     for headers, status in (({}, 401), ({"Authorization": "Bearer apl_nope_nope"}, 401), (enroll_only, 403)):
-        fast, slow = _both(ready_client, None, lambda h=headers: ready_client.post("/v1/match", json=body, headers=h))
+        fast, slow = _both(ready_client, lambda h=headers: ready_client.post("/v1/match", json=body, headers=h))
         assert fast.status_code == slow.status_code == status
         assert fast.headers["content-type"] == slow.headers["content-type"] == "application/problem+json"
         if status == 401:
