@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -365,9 +366,13 @@ class IndexService:
             self._needs_resync.set()  # follow from PostgreSQL's view once Redis is back
         try:
             self.add_tombstones(self._erasing_labels())
-            for model in self.dims:
-                if model not in self.models:
-                    self.models[model] = self.warm(model)
+            if self.template_keys is None:
+                self.template_keys = TemplateKeys(self._keys())
+            cold = [model for model in self.dims if model not in self.models]
+            # Side by side: one model's snapshot decrypts while another derives its 512x512 key (~0.5 s)
+            with ThreadPoolExecutor(max(1, len(cold)), thread_name_prefix="index-warm") as pool:
+                for model, mi in zip(cold, pool.map(self.warm, cold), strict=True):
+                    self.models[model] = mi
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("index_warm_failed", error=self.last_error)

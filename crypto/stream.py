@@ -29,6 +29,7 @@ Random access (e.g. serving ``Range: bytes=a-b`` from S3)::
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -49,6 +50,7 @@ __all__ = [
     "open_range",
     "open_segments",
     "open_stream",
+    "open_stream_into",
     "parse_header",
     "seal_stream",
     "sealed_size",
@@ -216,6 +218,39 @@ def open_stream(dek: bytes, chunks: Iterable[bytes], aad: bytes) -> Iterator[byt
     cipher = _cipher(dek)
     header, buf, rest = _header_and_rest(chunks)
     yield from _open_from(cipher, header, buf, rest, 0, None, aad)
+
+
+def open_stream_into(dek: bytes, source: io.BufferedIOBase, aad: bytes, out: memoryview | bytearray) -> None:
+    """Open a whole sealed stream of exactly ``len(out)`` plaintext bytes from ``source`` into ``out``.
+
+    For large objects opened in one piece (index snapshots): each segment is read into one reused
+    buffer and decrypted straight into its place in ``out``, so the plaintext is written once. Raises
+    ``AuthenticationError`` on tampering or if the stream is longer or shorter than ``out``; ``out``
+    then holds unverified bytes and must be discarded.
+    """
+    cipher = _cipher(dek)
+    header = parse_header(source.read(HEADER_SIZE))
+    associated = header.raw + aad
+    target = memoryview(out).cast("B")
+    size, segment = len(target), header.segment_size
+    total = segment_count(size, segment)
+    sealed = memoryview(bytearray(segment + TAG_SIZE))
+    for index in range(total):
+        start = index * segment
+        length = min(segment, size - start) + TAG_SIZE
+        if source.readinto(sealed[:length]) != length:
+            raise AuthenticationError("sealed stream is truncated")
+        last = index == total - 1
+        try:
+            cipher.decrypt_into(_nonce(header.nonce_prefix, index, last), sealed[:length], associated,
+                                target[start : start + length - TAG_SIZE])
+        except InvalidTag:
+            raise AuthenticationError(
+                f"sealed stream segment {index} failed authentication "
+                "(wrong key or context, tampered, reordered, truncated or extended)"
+            ) from None
+    if source.read(1):
+        raise AuthenticationError("sealed stream has data after its final segment")
 
 
 def segment_span(plain_start: int, plain_end: int, segment_size: int, plaintext_size: int | None = None) -> SegmentSpan:

@@ -21,9 +21,10 @@ import numpy as np
 from crypto.errors import CryptoError
 from crypto.providers.base import KeyProvider
 from crypto.seal import aad, new_dek
-from crypto.stream import open_stream, seal_stream
+from crypto.stream import open_stream_into, seal_stream
 from vector.errors import SnapshotError
 from vector.index import HotIndex, IndexParams
+from vector.memory import huge_page_buffer
 
 MAGIC = b"APPLIDX1"
 SEGMENT = 4 << 20
@@ -72,7 +73,11 @@ def read_header(path: Path) -> dict:  # type: ignore[type-arg]
 
 
 def load(path: Path, provider: KeyProvider, params: IndexParams | None = None) -> tuple[HotIndex, dict]:  # type: ignore[type-arg]
-    """Open, verify and rebuild the index; raises SnapshotError on any problem (then warm from PostgreSQL)."""
+    """Open, verify and rebuild the index; raises SnapshotError on any problem (then warm from PostgreSQL).
+
+    The plaintext exists only in memory: it is decrypted segment by segment straight into one
+    huge-page buffer, from which the index reads its arrays in place (``HotIndex.from_parts(borrow=True)``).
+    """
     meta = read_header(path)
     with open(path, "rb") as f:
         f.seek(len(MAGIC))
@@ -81,22 +86,17 @@ def load(path: Path, provider: KeyProvider, params: IndexParams | None = None) -
         try:
             dek = provider.unwrap(base64.b64decode(meta["wrapped_dek"]), _context(meta["model"]))
             sizes = [int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in meta["parts"]]
-            plain = bytearray(sum(sizes))
-            pos = 0
-            for piece in open_stream(dek, iter(lambda: f.read(SEGMENT + 16), b""), aad("index-snapshot", header)):
-                plain[pos : pos + len(piece)] = piece
-                pos += len(piece)
-        except (CryptoError, ValueError, KeyError) as exc:
+            plain = huge_page_buffer(sum(sizes))
+            open_stream_into(dek, f, aad("index-snapshot", header), memoryview(plain)[: sum(sizes)])
+        except (CryptoError, ValueError, KeyError, OSError) as exc:
             raise SnapshotError(f"snapshot {path} does not open: {exc}") from None
-    if pos != len(plain):
-        raise SnapshotError("snapshot is truncated")
     parts: dict[str, np.ndarray] = {}
     offset = 0
-    view = memoryview(plain)
     for spec, size in zip(meta["parts"], sizes, strict=True):
-        parts[spec["name"]] = np.frombuffer(view[offset : offset + size], dtype=spec["dtype"]).reshape(spec["shape"])
+        dtype = np.dtype(spec["dtype"])
+        parts[spec["name"]] = np.frombuffer(plain, dtype, size // dtype.itemsize, offset).reshape(spec["shape"])
         offset += size
     try:
-        return HotIndex.from_parts(int(meta["dim"]), parts, params), meta
+        return HotIndex.from_parts(int(meta["dim"]), parts, params, borrow=True), meta
     except (ValueError, RuntimeError) as exc:
         raise SnapshotError(f"snapshot {path} is inconsistent: {exc}") from None

@@ -112,9 +112,12 @@ def load_templates(
 
 
 def model_labels(conn: psycopg.Connection, model: str) -> np.ndarray:
-    """Every label of a model, for the diff-based re-sync (8 bytes a row)."""
-    rows = conn.execute("SELECT label FROM encodings WHERE model = %s", (model,)).fetchall()
-    return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    """Every label of a model (any order), for the diff-based re-sync: one bytea of big-endian int8s
+    built by the server, because a Python tuple per row costs ~1 s at 1M encodings on the restart path."""
+    row = conn.execute("SELECT string_agg(int8send(label), ''::bytea) FROM encodings WHERE model = %s",
+                       (model,), binary=True).fetchone()
+    raw = row[0] if row is not None and row[0] is not None else b""
+    return np.frombuffer(raw, ">i8").astype(np.int64)
 
 
 def allocate_labels(conn: psycopg.Connection, n: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto import AuthenticationError, new_dek, open_stream, seal_stream, sealed_size
-from crypto.stream import HEADER_SIZE, open_range, open_segments, segment_count, segment_span
+from crypto.stream import HEADER_SIZE, open_range, open_segments, open_stream_into, segment_count, segment_span
 
 TAG = 16
 # No per-example deadline: CI machines are shared, and these tests prove correctness, not speed.
@@ -110,6 +111,35 @@ def test_wrong_key_or_context_fails(key: bytes, other: bytes, data: bytes, segme
     if other != key:
         with pytest.raises(AuthenticationError):
             _open(other, sealed, b"ctx")
+
+
+def _open_into(key: bytes, sealed: bytes, context: bytes, size: int) -> bytes:
+    out = bytearray(size)
+    open_stream_into(key, io.BufferedReader(io.BytesIO(sealed)), context, out)
+    return bytes(out)
+
+
+@relaxed
+@given(keys, payloads, segment_sizes, st.data())
+def test_open_into_inverts_seal_and_fails_on_any_change(
+    key: bytes, data: bytes, segment_size: int, draw: st.DataObject
+) -> None:
+    """The one-pass reader for whole objects (index snapshots) checks exactly what ``open_stream`` does."""
+    sealed = _seal(key, data, b"ctx", segment_size)
+    assert _open_into(key, sealed, b"ctx", len(data)) == data
+    bit = draw.draw(st.integers(0, len(sealed) * 8 - 1))
+    flipped = bytearray(sealed)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    cut = draw.draw(st.integers(0, len(sealed) - 1))
+    for bad, size in ((bytes(flipped), len(data)), (sealed[:cut], len(data)), (sealed + b"x", len(data)),
+                      (sealed, len(data) + 1)):
+        with pytest.raises(AuthenticationError):
+            _open_into(key, bad, b"ctx", size)
+    if data:  # expecting less than was sealed: the segment that must be final is not
+        with pytest.raises(AuthenticationError):
+            _open_into(key, sealed, b"ctx", len(data) - 1)
+    with pytest.raises(AuthenticationError):
+        _open_into(key, sealed, b"other", len(data))
 
 
 def test_segments_cannot_be_spliced_between_objects() -> None:

@@ -133,6 +133,45 @@ def test_snapshot_round_trips_and_rejects_tampering(tmp_path: Path) -> None:
         snapshot.load(path, provider)
 
 
+@pytest.mark.parametrize("exact_max", [10_000, 100], ids=["exact", "hnsw"])
+def test_snapshot_index_answers_like_the_original_and_grows_after_load(tmp_path: Path, exact_max: int) -> None:
+    """A loaded index reads FAISS arrays in place from the snapshot buffer; the first add gives FAISS its
+    own copy (growing a borrowed array would abort the process), and searches agree throughout."""
+    from crypto.providers.local import LocalFileProvider
+
+    provider = LocalFileProvider(tmp_path / "keys")
+    params = IndexParams(exact_max=exact_max, ef_search=64)
+    batch = _batch(400)
+    index = HotIndex.build(DIM, batch, params)
+    index.delete([7])
+    snapshot.save(tmp_path / "idx.snap", index, provider, model="m", version=1, feed_seq=1)
+    loaded, _ = snapshot.load(tmp_path / "idx.snap", provider, params)
+    assert loaded._borrowed is not None
+    before, after = index.search(batch.templates[:40], 5), loaded.search(batch.templates[:40], 5)
+    assert np.array_equal(before.labels, after.labels) and np.array_equal(before.subjects, after.subjects)
+    assert 7 not in loaded.search(batch.templates[6:7], 5).labels
+    more = _batch(50, start=1000, seed=3)
+    loaded.add(more)
+    assert loaded._borrowed is None and len(loaded) == 449
+    assert (loaded.search(more.templates, 1).labels[:, 0] == more.labels).mean() >= 0.98
+    assert np.array_equal(loaded.search(batch.templates[:40], 5).labels[:, 0], before.labels[:, 0])
+    loaded.delete(list(range(1, 101)))
+    loaded.rebuild()
+    assert set(loaded.labels()) == set(range(101, 401)) | set(range(1000, 1050))
+
+
+def test_truncated_snapshot_is_refused(tmp_path: Path) -> None:
+    from crypto.providers.local import LocalFileProvider
+
+    provider = LocalFileProvider(tmp_path / "keys")
+    path = tmp_path / "idx.snap"
+    snapshot.save(path, HotIndex.build(DIM, _batch(300), IndexParams(exact_max=100)), provider, model="m",
+                  version=1, feed_seq=1)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(SnapshotError):
+        snapshot.load(path, provider)
+
+
 def raw_not_in_file(path: Path, batch: TemplateBatch) -> bool:
     """The snapshot is sealed: no template's bytes appear in the clear."""
     blob = path.read_bytes()
