@@ -43,9 +43,13 @@ from appliance.audit.chain import (
     DEFAULT_MATCH_ACTIONS,
     MATCH_CLASS,
     ZERO_HASH,
+    ChainHead,
+    EventTuple,
+    Head,
     action_class,
     build_record,
-    copy_line,
+    event_tuple,
+    format_copy_batch,
     sanitize_details,
 )
 from appliance.logs import get_logger
@@ -86,9 +90,13 @@ def _row(rec: dict[str, Any], ts: datetime, details_json: str) -> tuple[Any, ...
 def _clean_details(event: AuditEvent) -> dict[str, Any]:
     details, removed = sanitize_details(event.details or {})
     if removed:
-        REDACTED.inc()
-        log.warning("audit: sensitive or oversized details removed", action=event.action, keys=removed[:10])
+        _redacted(event.action, removed)
     return details
+
+
+def _redacted(action: str, removed: list[str]) -> None:
+    REDACTED.inc()
+    log.warning("audit: sensitive or oversized details removed", action=action, keys=removed[:10])
 
 
 def _event_ts(event: AuditEvent) -> datetime:
@@ -140,15 +148,6 @@ class _Flush:
         self.done = threading.Event()
 
 
-class _WriterChain:
-    """In-memory head of one writer chain; touched only by the writer thread."""
-
-    def __init__(self, name: str, cls: str) -> None:
-        self.name, self.cls = name, cls
-        self.seq, self.hash, self.ts = 0, ZERO_HASH, datetime.min.replace(tzinfo=UTC)
-        self.announced = False
-
-
 class AuditLog:
     """The process's audit trail: ``record`` (in-transaction) and ``submit`` (queued, batched COPY)."""
 
@@ -178,12 +177,11 @@ class AuditLog:
         self.checkpoint_interval = checkpoint_interval
         self.chain_base = chain_base or f"w:{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.writer_process = writer_process
-        self.shares_gil = True  # False in the writer process: no request thread to yield the GIL to
         self.writer_nice = writer_nice
         self.child: WriterProcess | None = None
         self._markers: dict[int, _Flush] = {}
         self._marker_ids = itertools.count(1)
-        self.chains = {c: _WriterChain(f"{self.chain_base}:{c}", c) for c in (AUDIT_CLASS, MATCH_CLASS)}
+        self.chains = {c: ChainHead(f"{self.chain_base}:{c}", c) for c in (AUDIT_CLASS, MATCH_CLASS)}
         # A deque, not queue.Queue: append/popleft are atomic without a lock, so submit costs ~0.1 µs on
         # the match path; the bound is checked by len() (approximate under races, which is fine).
         self._queue: deque[AuditEvent | _Flush] = deque()
@@ -382,15 +380,16 @@ class AuditLog:
         if marker is not None:
             marker.done.set()
 
-    def pipeline(self) -> tuple[Callable[[list[AuditEvent], list[Any]], None], Callable[[], None]]:
+    def pipeline(self) -> tuple[Callable[[list[EventTuple], list[Any]], None], Callable[[], None]]:
         """For the writer process: ``put(events, markers)`` hashes now and queues the COPY for a copier
         thread (hashing the next batch overlaps PostgreSQL's work on this one); each marker's
         ``done.set()`` runs once its batch is committed. ``close()`` drains and stops the copier."""
         copier = threading.Thread(target=self._run_copier, name="audit-copier", daemon=True)
         copier.start()
 
-        def put(events: list[AuditEvent], markers: list[Any]) -> None:
-            self._batches.put((self._chain(events) if events else [], markers))
+        def put(events: list[EventTuple], markers: list[Any]) -> None:
+            formatted = format_copy_batch(events, self.chains, self.match_actions, _redacted) if events else None
+            self._batches.put((formatted, markers))
 
         def close() -> None:
             self._batches.put(_STOP)
@@ -411,69 +410,66 @@ class AuditLog:
 
     def _run_copier(self) -> None:
         while (item := self._batches.get()) is not _STOP:
-            rows, markers = item
-            if rows:
-                self._write_with_retry(rows)
+            formatted, markers = item
+            if formatted is not None:
+                self._write_with_retry(*formatted)
             for m in markers:
                 m.done.set()
 
-    def _write_with_retry(self, rows: list[tuple[_WriterChain, int, bytes, datetime, str]]) -> None:
+    def _write_with_retry(self, lines: list[str], heads: list[Head]) -> None:
         """COPY one batch, retrying the same rows while PostgreSQL is unavailable (never re-hashed)."""
         delay, failures_while_stopping = 0.05, 0
         while True:
             try:
-                self._copy(rows)
-                EVENTS.labels("queue").inc(len(rows))
+                self._copy(lines, heads)
+                EVENTS.labels("queue").inc(len(lines))
                 break
             except Exception as exc:  # PostgreSQL down or restarting: keep the batch, retry
                 WRITE_ERRORS.inc()
                 failures_while_stopping += self._stop.is_set()
                 if failures_while_stopping > 3:
-                    DROPPED.inc(len(rows))
-                    log.error("audit: batch lost at shutdown", events=len(rows), error=str(exc))
+                    DROPPED.inc(len(lines))
+                    log.error("audit: batch lost at shutdown", events=len(lines), error=str(exc))
                     break
-                log.warning("audit: batch write failed, retrying", events=len(rows), error=str(exc))
+                log.warning("audit: batch write failed, retrying", events=len(lines), error=str(exc))
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _chain(self, batch: list[AuditEvent]) -> list[tuple[_WriterChain, int, bytes, datetime, str]]:
-        """Hash each event onto its chain and format its COPY line: (chain, seq, hash, ts, line) per event."""
-        out = []
-        yield_every = YIELD_EVERY if self.shares_gil else 1 << 30
-        for i, event in enumerate(batch):
-            if not i % yield_every:
-                time.sleep(0)  # hand the GIL to request threads now, not after the 5 ms switch interval
-            chain = self.chains[action_class(event.action, self.match_actions)]
-            ts = max(_event_ts(event), chain.ts)
-            seq = chain.seq + 1
-            digest, line = copy_line(event, chain.name, seq, ts, chain.cls, _clean_details(event), chain.hash)
-            chain.seq, chain.hash, chain.ts = seq, digest, ts
-            out.append((chain, seq, digest, ts, line))
-        return out
+    def _chain(self, batch: list[AuditEvent]) -> tuple[list[str], list[Head]] | None:
+        """Hash each event onto its chain and format its COPY line, yielding the GIL every few events;
+        None for an empty batch."""
+        if not batch:
+            return None
+        lines: list[str] = []
+        heads: dict[str, Head] = {}
+        for start in range(0, len(batch), YIELD_EVERY):
+            time.sleep(0)  # hand the GIL to request threads now, not after the 5 ms switch interval
+            part, moved = format_copy_batch(map(event_tuple, batch[start:start + YIELD_EVERY]), self.chains,
+                                            self.match_actions, _redacted)
+            lines += part
+            heads.update((h[0].name, h) for h in moved)
+        return lines, list(heads.values())
 
-    def _copy(self, rows: list[tuple[_WriterChain, int, bytes, datetime, str]]) -> None:
+    def _copy(self, lines: list[str], heads: list[Head]) -> None:
         t0 = time.perf_counter()
-        touched: dict[str, tuple[_WriterChain, int, bytes, datetime, str]] = {}
-        for row in rows:
-            touched[row[0].name] = row  # the last record of each chain in this batch is its new head
-        data = "".join(row[4] for row in rows).encode()
+        data = "".join(lines).encode()
         with self.pool.connection() as conn, conn.transaction():
-            for chain, *_ in touched.values():
+            for chain, *_ in heads:
                 if not chain.announced:
                     self._announce(conn, chain)
             with conn.cursor().copy(f"COPY audit_log ({COPY_COLUMNS}) FROM STDIN") as copy:
                 for start in range(0, len(data), 1 << 20):
                     copy.write(data[start:start + (1 << 20)])
-            for chain, seq, digest, ts, _line in touched.values():
+            for chain, seq, digest, ts in heads:  # the last record of each chain in this batch is its new head
                 conn.execute(
                     "UPDATE audit_heads SET seq = %s, hash = %s, ts = %s, updated_at = now() WHERE chain = %s",
                     (seq, digest, ts, chain.name),
                 )
-        for chain, *_ in touched.values():
+        for chain, *_ in heads:
             chain.announced = True
         BATCH_SECONDS.observe(time.perf_counter() - t0)
 
-    def _announce(self, conn: Connection[Any], chain: _WriterChain) -> None:
+    def _announce(self, conn: Connection[Any], chain: ChainHead) -> None:
         conn.execute(
             "INSERT INTO audit_heads (chain, class, seq, hash) VALUES (%s, %s, 0, %s) ON CONFLICT (chain) DO NOTHING",
             (chain.name, chain.cls, ZERO_HASH),

@@ -24,36 +24,14 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
 from appliance.audit import AuditEvent
+from appliance.audit.chain import EventTuple, event_tuple
 from appliance.logs import get_logger
 
 log = get_logger(__name__)
-
-EventTuple = tuple[datetime, str, str, str, str | None, str | None, str | None, dict[str, Any]]
-
-
-def to_tuple(e: AuditEvent) -> EventTuple:
-    return (e.ts, e.action, e.actor, e.outcome, None if e.subject_id is None else str(e.subject_id),
-            e.object_id, e.request_id, e.details)
-
-
-class _Event:
-    """What the chain code reads of an ``AuditEvent``, without a frozen dataclass's costly __init__."""
-
-    __slots__ = ("action", "actor", "details", "object_id", "outcome", "request_id", "subject_id", "ts")
-
-    def __init__(self, t: EventTuple) -> None:
-        (self.ts, self.action, self.actor, self.outcome, self.subject_id, self.object_id, self.request_id,
-         self.details) = t
-
-
-def from_tuple(t: EventTuple) -> AuditEvent:
-    return _Event(t)  # type: ignore[return-value]
-
 
 @dataclass(frozen=True)
 class ChildConfig:
@@ -106,14 +84,13 @@ def child_main(read_fd: int, write_fd: int) -> None:
     pool = ConnectionPool(config.dsn, min_size=1, max_size=2, open=True)
     writer = AuditLog(pool, keys=None, tx_chains=config.tx_chains, match_actions=config.match_actions,
                       checkpoint_interval=0, chain_base=config.chain_base)
-    writer.shares_gil = False
     lock = threading.Lock()
 
     def reply(message: tuple[str, Any]) -> _Reply:
         return _Reply(conn, lock, message)
 
     put, close = writer.pipeline()
-    events: list[AuditEvent] = []
+    events: list[EventTuple] = []
     acks: list[_Reply] = []
 
     def hand_over() -> None:  # one COPY transaction for everything that arrived together
@@ -132,7 +109,7 @@ def child_main(read_fd: int, write_fd: int) -> None:
                 kind, payload = "stop", None
             if kind == "batch":
                 batch_id, tuples = payload
-                events.extend(from_tuple(t) for t in tuples)
+                events.extend(tuples)
                 acks.append(reply(("done", (batch_id, len(tuples)))))
             elif kind == "flush":
                 acks.append(reply(("flushed", payload)))
@@ -209,7 +186,7 @@ class WriterProcess:
 
     def send_batch(self, events: list[AuditEvent]) -> None:
         """Blocks while the child is busy (the pipe is the back-pressure)."""
-        tuples = [to_tuple(e) for e in events]
+        tuples = [event_tuple(e) for e in events]
         with self._lock:
             self._next_id += 1
             self._send(("b", self._next_id), pickle.dumps(("batch", (self._next_id, tuples)), protocol=5))

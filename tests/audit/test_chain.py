@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from appliance.audit import AuditEvent
 from appliance.audit.chain import (
+    ChainHead,
     build_record,
     canonical_json,
-    copy_line,
+    event_tuple,
+    format_copy_batch,
     header_hash,
     header_of,
     sanitize_details,
@@ -44,21 +48,61 @@ EVENTS = [
 ]
 
 
+def _decode_copy_line(line: str) -> list[str | None]:
+    assert line.endswith("\n") and line.count("\n") == 1
+    escapes = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}
+    fields = [None if f == "\\N" else f for f in line[:-1].split("\t")]
+    assert len(fields) == 13
+    texts = [None if f is None else re.sub(r"\\(.)", lambda m: escapes[m.group(1)], f) for f in fields[:11]]
+    return texts + fields[11:]
+
+
 @pytest.mark.parametrize("event", EVENTS)
-def test_copy_line_carries_the_same_record_and_hash(event: AuditEvent) -> None:
+def test_copy_batch_line_carries_the_same_record_and_hash(event: AuditEvent) -> None:
     details, _ = sanitize_details(event.details)
     ts = datetime.now(UTC)
-    rec, details_json = build_record(event, "w:h\tost:1:ab:audit", 42, ts, "audit", details, b"\x07" * 32)
-    digest, line = copy_line(event, "w:h\tost:1:ab:audit", 42, ts, "audit", details, b"\x07" * 32)
-    assert digest.hex() == rec["hash"] and line.endswith("\n") and line.count("\n") == 1
-    unescape = {"\\N": None}
-    fields = [unescape.get(f, f) for f in line[:-1].split("\t")]
-    assert len(fields) == 13
-    escapes = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}
-    decoded = [None if f is None else re.sub(r"\\(.)", lambda m: escapes[m.group(1)], f) for f in fields]
+    head = ChainHead("w:h\tost:1:ab:audit", "audit")
+    head.seq, head.hash = 41, b"\x07" * 32
+    rec, details_json = build_record(event, head.name, 42, ts, "audit", details, b"\x07" * 32)
+    lines, heads = format_copy_batch([event_tuple(replace(event, ts=ts))], {"audit": head}, frozenset())
+    assert heads == [(head, 42, bytes.fromhex(rec["hash"]), ts)] and (head.seq, head.hash.hex()) == (42, rec["hash"])
+    decoded = _decode_copy_line(lines[0])
     assert decoded[:11] == [rec["ts"], rec["chain"], "42", "audit", rec["actor"], rec["action"], rec["subject_id"],
                             rec["object_id"], rec["outcome"], rec["request_id"], details_json]
-    assert fields[11:] == ["\\\\x" + "07" * 32, "\\\\x" + rec["hash"]]
+    assert decoded[11:] == ["\\\\x" + "07" * 32, "\\\\x" + rec["hash"]]
+
+
+def test_copy_batch_chains_each_class_and_keeps_time_monotonic() -> None:
+    """Consecutive records link by ``prev``; a late or non-UTC timestamp never moves a chain back in time;
+    details in any key order, unsorted or with secrets, hash as the verifier expects."""
+    heads = {c: ChainHead(f"w:h:1:ab:{c}", c) for c in ("audit", "match")}
+    now = datetime.now(UTC)
+    events = [
+        AuditEvent("match", "apikey:x", outcome="unknown", ts=now,
+                   details={"similarity": 0.5, "k": 5, "camera_id": "door", "track_id": None}),
+        AuditEvent("subject.read", "cli:root", subject_id=uuid.uuid4(),
+                   ts=now.astimezone(timezone(timedelta(hours=5)))),
+        AuditEvent("match", "apikey:x", outcome="match", subject_id=uuid.uuid4(), ts=now - timedelta(seconds=3),
+                   details={"a": 1, "z": 0.0, "token": "apl_0123456789_secret"}),
+        AuditEvent("match", "apikey:x", ts=(now + timedelta(seconds=1)).replace(tzinfo=None), details={"b": True}),
+    ]
+    redacted: list[list[str]] = []
+    lines, moved = format_copy_batch(map(event_tuple, events), heads, frozenset({"match"}),
+                                     lambda action, keys: redacted.append(keys))
+    assert redacted == [["token"]] and "apl_0123" not in "".join(lines)
+    prev = {"audit": "00" * 32, "match": "00" * 32}
+    last_ts = {"audit": "", "match": ""}
+    for n, line in enumerate(lines):
+        f = _decode_copy_line(line)
+        rec = {"ts": f[0], "chain": f[1], "seq": int(f[2]), "class": f[3], "actor": f[4], "action": f[5],
+               "subject_id": f[6], "object_id": f[7], "outcome": f[8], "request_id": f[9],
+               "details": json.loads(f[10]), "prev_hash": f[11][3:], "hash": f[12][3:]}
+        assert rec["prev_hash"] == prev[rec["class"]], n
+        assert header_hash(header_of(rec)).hex() == rec["hash"], n
+        assert rec["ts"] >= last_ts[rec["class"]] and rec["ts"].endswith("+00:00"), n
+        prev[rec["class"]], last_ts[rec["class"]] = rec["hash"], rec["ts"]
+    assert [(h[0].cls, h[1], h[2].hex()) for h in moved] == [("match", 3, prev["match"]), ("audit", 1, prev["audit"])]
+    assert last_ts["match"] == ts_text(events[3].ts.replace(tzinfo=UTC))
 
 
 def test_timestamps_are_utc_microseconds_whatever_the_zone() -> None:
