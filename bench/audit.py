@@ -5,7 +5,9 @@
 
 Writes bench/results/audit.json. The API runs in this process (uvicorn in a thread) so the synthetic
 audit load shares its GIL and CPU exactly as match-path events would; the latency client is a
-separate process with one keep-alive connection, timing sequential requests.
+separate process with one keep-alive connection, timing sequential requests: back to back, and
+(``--client-rate``, default 200/s) paced like a camera pipeline, so that the client and a saturated
+server do not themselves fill the two cores the writer and PostgreSQL need.
 """
 
 from __future__ import annotations
@@ -31,11 +33,20 @@ MODEL = "dlib-resnet-v1"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces_dlib128.npz"
 
 
+ENROLLED = [uuid.UUID(int=(0x5EED << 64) + i) for i in range(1000)]  # the people a camera keeps seeing
+
+
 def _event(i: int) -> Any:
+    """A match event exactly as /v1/match queues it: 70 % one of 1,000 enrolled people, 30 % unknown faces."""
     from appliance.audit import AuditEvent
 
-    return AuditEvent("match", "apikey:bench", outcome="match", subject_id=uuid.uuid4(),
-                      request_id=uuid.uuid4().hex, details={"model": MODEL, "k": 5, "similarity": 0.93, "i": i})
+    known = i % 10 < 7
+    return AuditEvent(
+        "match", "apikey:00000000-0000-4000-8000-00000000b0b0", outcome="match" if known else "unknown",
+        subject_id=ENROLLED[(i * 7919) % len(ENROLLED)] if known else None, request_id=uuid.uuid4().hex,
+        details={"model": MODEL, "k": 5, "similarity": round(0.95 + (i % 50) / 1000, 4) if known else 0.41,
+                 "threshold": 0.94, "camera_id": f"cam-{i % 4}", "track_id": f"t{i // 20}",
+                 "index_version": 120_000 + i // 1000, "candidates": 5})
 
 
 def _cpu() -> float:
@@ -72,13 +83,13 @@ def _child_cpu(log: Any) -> float:
 
 def writer_burst(pool: Any, n: int, var_dir: Path, process: bool) -> dict[str, Any]:
     """Submit n events as fast as one thread can; time until all are committed."""
-    from appliance.audit.log import BACKPRESSURE, AuditLog
+    from appliance.audit.log import BACKPRESSURE, DROPPED, AuditLog
 
     log = AuditLog(pool, checkpoint_interval=0, writer_process=process)
     log.submit(_event(-1))
     assert log.flush(60)  # the writer (process) is up before the clock starts
     events = [_event(i) for i in range(n)]
-    bp0 = BACKPRESSURE._value.get()
+    bp0, dropped0 = BACKPRESSURE._value.get(), DROPPED._value.get()
     cpu0, child0, pg0, t0 = _cpu(), _child_cpu(log), _postgres_cpu(var_dir), time.perf_counter()
     for e in events:
         log.submit(e)
@@ -86,8 +97,9 @@ def writer_burst(pool: Any, n: int, var_dir: Path, process: bool) -> dict[str, A
     dt = time.perf_counter() - t0
     cpu, child, pg = _cpu() - cpu0, _child_cpu(log) - child0, _postgres_cpu(var_dir) - pg0
     log.stop(checkpoint=False)
+    dropped = int(DROPPED._value.get() - dropped0)  # queue full for longer than block_seconds
     return {"writer": "process" if process else "thread", "events": n, "seconds": round(dt, 3),
-            "events_per_s": round(n / dt),
+            "events_per_s": round((n - dropped) / dt), "dropped": dropped,
             "api_process_cpu_us_per_event": round(cpu / n * 1e6, 1),
             "writer_process_cpu_us_per_event": round(child / n * 1e6, 1),
             "postgres_cpu_us_per_event": round(pg / n * 1e6, 1),
@@ -128,35 +140,58 @@ class Pacer:
         self.seconds = time.perf_counter() - self.t0
 
 
-def writer_paced(pool: Any, rate: int, seconds: float) -> dict[str, Any]:
-    """Offer ``rate`` events/s for ``seconds``; report what was sustained (committed) and the back-pressure."""
-    from appliance.audit.log import BACKPRESSURE, AuditLog
+def writer_paced(pool: Any, rate: int, seconds: float, warmup: float = 2.0) -> dict[str, Any]:
+    """Offer ``rate`` events/s for ``seconds``. Sustained = events committed per second between ``warmup``
+    and the end of the offer (both ends then carry the same one-batch lag); also the drain afterwards,
+    the deepest queue and the back-pressure, which show whether the writer kept up."""
+    from appliance.audit.log import BACKPRESSURE, DROPPED, EVENTS, AuditLog
 
+    committed = EVENTS.labels("queue")._value.get
     log = AuditLog(pool, checkpoint_interval=0, writer_process=True)
-    bp0 = BACKPRESSURE._value.get()
-    depth = 0
+    bp0, dropped0 = BACKPRESSURE._value.get(), DROPPED._value.get()
+    depth, depths = 0, []
     with Pacer(log, rate) as pacer:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
+        start = time.perf_counter()
+        end = start + seconds
+        c0 = None
+        while (now := time.perf_counter()) < end:
+            if c0 is None and now >= start + warmup:
+                c0, t_c0 = committed(), now
             depth = max(depth, log.queue_depth)
+            depths.append(log.queue_depth)
             time.sleep(0.05)
+        c1, t_c1 = committed(), time.perf_counter()
     t0 = time.perf_counter()
     assert log.flush(300)
-    total = pacer.seconds + (time.perf_counter() - t0)
+    drain = time.perf_counter() - t0
+    total = pacer.seconds + drain
     log.stop(checkpoint=False)
-    return {"offered_per_s": rate, "submitted": pacer.submitted, "committed_per_s": round(pacer.submitted / total),
-            "drain_after_stop_s": round(time.perf_counter() - t0, 3), "max_queue_depth": depth,
-            "backpressure_waits": int(BACKPRESSURE._value.get() - bp0)}
+    assert c0 is not None
+    last_half = depths[len(depths) // 2:]
+    return {"offered_per_s": rate, "submitted": pacer.submitted,
+            "offered_actual_per_s": round(pacer.submitted / pacer.seconds),
+            "sustained_committed_per_s": round((c1 - c0) / (t_c1 - t_c0)),
+            "committed_per_s_including_drain": round(pacer.submitted / total),
+            "drain_after_stop_s": round(drain, 3), "max_queue_depth": depth,
+            "mean_queue_depth_last_half": round(sum(last_half) / max(1, len(last_half))),
+            "backpressure_waits": int(BACKPRESSURE._value.get() - bp0),
+            "dropped": int(DROPPED._value.get() - dropped0)}
 
 
-def _client(port: int, token: str, seconds: float, probe: list[float]) -> None:
-    """Latency client (run as a subprocess): sequential keep-alive POST /v1/match; prints ms per call."""
+def _client(port: int, token: str, seconds: float, probe: list[float], rate: float) -> None:
+    """Latency client (run as a subprocess): sequential keep-alive POST /v1/match, back to back
+    (``rate`` 0) or one every 1/``rate`` s like a camera pipeline; prints ms per call."""
     body = json.dumps({"model": MODEL, "embedding": probe, "k": 5}).encode()
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     out = []
-    end = time.perf_counter() + seconds
+    start = time.perf_counter()
+    end = start + seconds
     while time.perf_counter() < end:
+        if rate:
+            due = start + len(out) / rate
+            if (wait := due - time.perf_counter()) > 0:
+                time.sleep(wait)
         t = time.perf_counter()
         conn.request("POST", "/v1/match", body=body, headers=headers)
         resp = conn.getresponse()
@@ -167,7 +202,8 @@ def _client(port: int, token: str, seconds: float, probe: list[float]) -> None:
     print(json.dumps(out))
 
 
-def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates: list[int]) -> dict[str, Any]:
+def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates: list[int],
+                  client_rate: float) -> dict[str, Any]:
     import numpy as np
     import uvicorn
 
@@ -198,9 +234,10 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
     token = api_key(stack, ["match"], "bench-audit-match")
     probe = vectors[0].tolist()
 
-    def run_client() -> list[float]:
+    def run_client(rate: float = 0.0) -> list[float]:
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        proc = subprocess.run([sys.executable, __file__, "--client", str(port), token, str(seconds), json.dumps(probe)],
+        proc = subprocess.run([sys.executable, __file__, "--client", str(port), token, str(seconds), json.dumps(probe),
+                               str(rate)],
                               capture_output=True, text=True, env=env, timeout=seconds + 120)
         if proc.returncode:
             raise RuntimeError(proc.stderr[-2000:])
@@ -213,24 +250,25 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
         return {"n": len(xs), "p50_ms": round(pct(xs, 50), 3), "p99_ms": round(pct(xs, 99), 3),
                 "mean_ms": round(float(np.mean(xs)), 3)}
 
-    def compare(rate: int, external: bool) -> dict[str, Any]:
-        """Alternate phases without and with ``rate`` extra audit events/s (in this process or another)."""
+    def compare(rate: int, external: bool, client: float = 0.0) -> dict[str, Any]:
+        """Alternate phases without and with ``rate`` extra audit events/s (in this process or another),
+        the match client back to back (``client`` 0) or paced at ``client`` requests/s."""
         base: list[float] = []
         loaded: list[float] = []
         offered = []
         for _ in range(rounds):
-            base += run_client()
+            base += run_client(client)
             if external:
                 env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
                 proc = subprocess.Popen([sys.executable, __file__, "--load", settings.database_url.get_secret_value(),
                                          str(rate)], env=env, stdout=subprocess.PIPE, text=True)
                 time.sleep(1.0)
-                loaded += run_client()
+                loaded += run_client(client)
                 proc.terminate()
                 offered.append(float((proc.communicate(timeout=60)[0].strip().splitlines() or ["0"])[-1]))
             else:
                 with Pacer(log, rate) as pacer:
-                    loaded += run_client()
+                    loaded += run_client(client)
                 offered.append(pacer.submitted / pacer.seconds)
         assert log.flush(120)
         b, lo = stats(base), stats(loaded)
@@ -245,6 +283,12 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
     for rate in rates:
         out[f"in_process_{rate}"] = compare(rate, external=False)
         print(rate, "in_process", out[f"in_process_{rate}"], flush=True)
+    if client_rate:
+        # a camera pipeline's pace rather than a saturating loop: the 2 cores are not also busy with the
+        # client and a back-to-back server, so the difference is the audit load's own cost
+        out[f"in_process_{rates[0]}_paced_client"] = compare(rates[0], external=False, client=client_rate)
+        out[f"in_process_{rates[0]}_paced_client"]["client_requests_per_s"] = client_rate
+        print(rates[0], "in_process, paced client", out[f"in_process_{rates[0]}_paced_client"], flush=True)
     out[f"other_process_{rates[0]}"] = compare(rates[0], external=True)
     server.should_exit = True
     thread.join(60)
@@ -275,7 +319,7 @@ def main() -> None:
         _load_process(sys.argv[2], int(sys.argv[3]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
-        _client(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), json.loads(sys.argv[5]))
+        _client(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), json.loads(sys.argv[5]), float(sys.argv[6]))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -283,6 +327,8 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=20_000)
     ap.add_argument("--burst", type=int, default=200_000)
     ap.add_argument("--skip-match", action="store_true")
+    ap.add_argument("--client-rate", type=float, default=200.0,
+                    help="also measure with the match client paced at this many requests/s (0: skip)")
     ap.add_argument("--skip-writer", action="store_true")
     args = ap.parse_args()
     from appliance.db.pool import open_pool
@@ -292,6 +338,10 @@ def main() -> None:
     result: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}
     try:
         pool = open_pool(settings, wait=True)
+        with pool.connection() as conn:  # the writer's cost grows with the indexes it appends to
+            result["match_partition_rows_at_start"] = int(conn.execute(
+                "SELECT coalesce(sum(greatest(reltuples, 0)), 0) FROM pg_class "
+                "WHERE relkind = 'r' AND relname LIKE 'audit\\_log\\_%\\_match'").fetchone()[0])
         if not args.skip_writer:
             result["writer_burst"] = writer_burst(pool, args.burst, Path(stack.var_dir), process=True)
             print("burst", result["writer_burst"], flush=True)
@@ -299,10 +349,12 @@ def main() -> None:
             print("burst (thread writer)", result["writer_burst_thread"], flush=True)
             result["writer_paced"] = writer_paced(pool, args.rate, args.seconds * 2)
             print("paced", result["writer_paced"], flush=True)
+            result["writer_paced_headroom"] = writer_paced(pool, args.rate * 5 // 4, args.seconds * 2)
+            print("paced at 1.25x", result["writer_paced_headroom"], flush=True)
         pool.close()
         if not args.skip_match:
             rates = [args.rate, args.rate // 10]
-            result["match"] = match_latency(settings, stack, args.seconds, args.rounds, rates)
+            result["match"] = match_latency(settings, stack, args.seconds, args.rounds, rates, args.client_rate)
             print("match", result["match"], flush=True)
     finally:
         result["load_avg_at_end"] = os.getloadavg()
