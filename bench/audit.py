@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import api_key, free_port, pct, settings_of, start_stack, write_result
 
 MODEL = "dlib-resnet-v1"
+LANES = int(os.environ.get("BENCH_AUDIT_LANES", "0")) or None  # None: the service's default (settings)
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces_dlib128.npz"
 
 
@@ -81,11 +82,17 @@ def _child_cpu(log: Any) -> float:
     return float(t.user + t.system)
 
 
+def _lanes() -> int:
+    from appliance.settings import Settings
+
+    return LANES or int(Settings.model_fields["audit_writer_lanes"].default)
+
+
 def writer_burst(pool: Any, n: int, var_dir: Path, process: bool) -> dict[str, Any]:
     """Submit n events as fast as one thread can; time until all are committed."""
     from appliance.audit.log import BACKPRESSURE, DROPPED, AuditLog
 
-    log = AuditLog(pool, checkpoint_interval=0, writer_process=process)
+    log = AuditLog(pool, checkpoint_interval=0, writer_process=process, writer_lanes=_lanes())
     log.submit(_event(-1))
     assert log.flush(60)  # the writer (process) is up before the clock starts
     events = [_event(i) for i in range(n)]
@@ -147,7 +154,7 @@ def writer_paced(pool: Any, rate: int, seconds: float, warmup: float = 2.0) -> d
     from appliance.audit.log import BACKPRESSURE, DROPPED, EVENTS, AuditLog
 
     committed = EVENTS.labels("queue")._value.get
-    log = AuditLog(pool, checkpoint_interval=0, writer_process=True)
+    log = AuditLog(pool, checkpoint_interval=0, writer_process=True, writer_lanes=_lanes())
     bp0, dropped0 = BACKPRESSURE._value.get(), DROPPED._value.get()
     depth, depths = 0, []
     with Pacer(log, rate) as pacer:
@@ -304,7 +311,7 @@ def _load_process(dsn: str, rate: int) -> None:
     from appliance.audit.log import AuditLog
 
     pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True)
-    log = AuditLog(pool, checkpoint_interval=0, writer_process=True)
+    log = AuditLog(pool, checkpoint_interval=0, writer_process=True, writer_lanes=_lanes())
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with Pacer(log, rate) as pacer:
@@ -335,7 +342,7 @@ def main() -> None:
 
     stack = start_stack("bench-audit")
     settings = settings_of(stack)
-    result: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}
+    result: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(), "writer_lanes": _lanes()}
     try:
         pool = open_pool(settings, wait=True)
         with pool.connection() as conn:  # the writer's cost grows with the indexes it appends to

@@ -139,6 +139,23 @@ def record_event(
     return rec
 
 
+class _AfterAll:
+    """Markers released once each of ``n`` lanes has reached this point (``done.set()`` n times)."""
+
+    def __init__(self, markers: list[Any], n: int) -> None:
+        self.markers, self.left = markers, n
+        self.lock = threading.Lock()
+        self.done = self
+
+    def set(self) -> None:
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            for m in self.markers:
+                m.done.set()
+
+
 class _Flush:
     """A marker in the queue: ``done`` is set once everything queued before it is committed."""
 
@@ -166,6 +183,7 @@ class AuditLog:
         chain_base: str | None = None,
         writer_process: bool = False,
         writer_nice: int = 10,
+        writer_lanes: int = 1,
     ) -> None:
         self.pool = pool
         self.keys = keys
@@ -178,10 +196,17 @@ class AuditLog:
         self.chain_base = chain_base or f"w:{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.writer_process = writer_process
         self.writer_nice = writer_nice
+        self.writer_lanes = max(1, writer_lanes)
         self.child: WriterProcess | None = None
         self._markers: dict[int, _Flush] = {}
         self._marker_ids = itertools.count(1)
         self.chains = {c: ChainHead(f"{self.chain_base}:{c}", c) for c in (AUDIT_CLASS, MATCH_CLASS)}
+        # The writer process's COPY lanes: lane 0 writes the chains above, lane k its own ``…:l<k>:<class>``
+        # chains, each in order on its own connection, so one PostgreSQL backend is not the ceiling.
+        self.lanes = [self.chains] + [
+            {c: ChainHead(f"{self.chain_base}:l{k}:{c}", c) for c in (AUDIT_CLASS, MATCH_CLASS)}
+            for k in range(1, self.writer_lanes)
+        ]
         # A deque, not queue.Queue: append/popleft are atomic without a lock, so submit costs ~0.1 µs on
         # the match path; the bound is checked by len() (approximate under races, which is fine).
         self._queue: deque[AuditEvent | _Flush] = deque()
@@ -346,7 +371,8 @@ class AuditLog:
 
         dsn = self.pool.conninfo
         child = self.child = WriterProcess(
-            ChildConfig(dsn, self.chain_base, self.tx_chains, self.match_actions, self.writer_nice),
+            ChildConfig(dsn, self.chain_base, self.tx_chains, self.match_actions, self.writer_nice,
+                        self.writer_lanes),
             on_flushed=self._flushed, on_written=lambda n: EVENTS.labels("queue").inc(n))
         child.start()
         while True:
@@ -381,35 +407,51 @@ class AuditLog:
             marker.done.set()
 
     def pipeline(self) -> tuple[Callable[[list[EventTuple], list[Any]], None], Callable[[], None]]:
-        """For the writer process: ``put(events, markers)`` hashes now and queues the COPY for a copier
-        thread (hashing the next batch overlaps PostgreSQL's work on this one); each marker's
-        ``done.set()`` runs once its batch is committed. ``close()`` drains and stops the copier."""
-        copier = threading.Thread(target=self._run_copier, name="audit-copier", daemon=True)
-        copier.start()
+        """For the writer process: ``put(events, markers)`` hashes now and queues the COPY on the next
+        lane in turn, whose copier thread writes it (hashing the next batch overlaps PostgreSQL's work on
+        this one). Each marker's ``done.set()`` runs once every batch put before it, on every lane, is
+        committed. ``close()`` drains and stops the copiers."""
+        queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=4) for _ in self.lanes]
+        copiers = [threading.Thread(target=self._run_copier, args=(q,), name=f"audit-copier-{k}", daemon=True)
+                   for k, q in enumerate(queues)]
+        for c in copiers:
+            c.start()
+
+        turn = itertools.cycle(range(len(queues)))
 
         def put(events: list[EventTuple], markers: list[Any]) -> None:
-            formatted = format_copy_batch(events, self.chains, self.match_actions, _redacted) if events else None
-            self._batches.put((formatted, markers))
+            lane = next(turn)
+            if events:
+                formatted = format_copy_batch(events, self.lanes[lane], self.match_actions, _redacted)
+                queues[lane].put((formatted, []))
+            if markers:
+                barrier = _AfterAll(markers, len(queues))
+                for q in queues:
+                    q.put((None, [barrier]))
 
         def close() -> None:
-            self._batches.put(_STOP)
-            copier.join()
+            for q in queues:
+                q.put(_STOP)
+            for c in copiers:
+                c.join()
 
         return put, close
 
     def resume_chains(self) -> None:
         """Continue this instance's chains from their stored heads (a restarted writer process)."""
+        chains = [c for lane in self.lanes for c in lane.values()]
         with self.pool.connection() as conn:
             rows = conn.execute("SELECT chain, seq, hash, ts FROM audit_heads WHERE chain = ANY(%s)",
-                                ([c.name for c in self.chains.values()],)).fetchall()
+                                ([c.name for c in chains],)).fetchall()
         heads = {r[0]: r for r in rows}
-        for chain in self.chains.values():
+        for chain in chains:
             if chain.name in heads:
                 _, chain.seq, head, chain.ts = heads[chain.name]
                 chain.hash, chain.announced = bytes(head), True
 
-    def _run_copier(self) -> None:
-        while (item := self._batches.get()) is not _STOP:
+    def _run_copier(self, batches: queue.Queue[Any] | None = None) -> None:
+        batches = self._batches if batches is None else batches
+        while (item := batches.get()) is not _STOP:
             formatted, markers = item
             if formatted is not None:
                 self._write_with_retry(*formatted)
@@ -524,4 +566,5 @@ def new_audit_log(state: Any) -> AuditLog:
         checkpoint_interval=s.audit_checkpoint_interval,
         writer_process=s.audit_writer_process,
         writer_nice=s.audit_writer_nice,
+        writer_lanes=s.audit_writer_lanes,
     )

@@ -40,6 +40,7 @@ class ChildConfig:
     tx_chains: int
     match_actions: frozenset[str]
     nice: int
+    lanes: int = 1
 
 
 class _Duplex:
@@ -81,9 +82,9 @@ def child_main(read_fd: int, write_fd: int) -> None:
     if config.nice:
         with contextlib.suppress(OSError):
             os.nice(config.nice)
-    pool = ConnectionPool(config.dsn, min_size=1, max_size=2, open=True)
+    pool = ConnectionPool(config.dsn, min_size=1, max_size=config.lanes + 1, open=True)
     writer = AuditLog(pool, keys=None, tx_chains=config.tx_chains, match_actions=config.match_actions,
-                      checkpoint_interval=0, chain_base=config.chain_base)
+                      checkpoint_interval=0, chain_base=config.chain_base, writer_lanes=config.lanes)
     lock = threading.Lock()
 
     def reply(message: tuple[str, Any]) -> _Reply:

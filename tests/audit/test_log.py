@@ -68,7 +68,8 @@ def test_a_killed_writer_process_is_replaced_and_the_chain_goes_on(service_pool,
 
     from appliance.audit.log import AuditLog
 
-    log = AuditLog(service_pool, keys=lambda: keys, flush_interval=0.02, checkpoint_interval=0, writer_process=True)
+    log = AuditLog(service_pool, keys=lambda: keys, flush_interval=0.02, checkpoint_interval=0, writer_process=True,
+                   writer_lanes=2)
     try:
         for i in range(300):
             log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": i}))
@@ -80,12 +81,40 @@ def test_a_killed_writer_process_is_replaced_and_the_chain_goes_on(service_pool,
         assert log.flush(30)
         assert log.child.restarts >= 1 and log.child.pid != first
         with service_pool.connection() as conn:
-            rows = _chain_rows(conn, log.chains["match"].name)
+            lanes = [_chain_rows(conn, lane["match"].name) for lane in log.lanes]
     finally:
         log.stop(checkpoint=False)
-    seen = [r["details"]["i"] for r in rows]
+    seen = [r["details"]["i"] for rows in lanes for r in rows]
     assert set(seen) == set(range(600))  # a batch in flight may be written twice, never lost
-    _assert_chained(rows)
+    for rows in lanes:
+        if rows:
+            _assert_chained(rows)
+
+
+def test_writer_lanes_each_keep_their_own_chain_and_a_marker_waits_for_all(service_pool, keys) -> None:
+    """The writer process's pipeline spreads batches over lanes (own chains, own connections); a flush
+    marker is released only when every lane has committed what came before it."""
+    from appliance.audit.chain import event_tuple
+    from appliance.audit.log import AuditLog
+
+    log = AuditLog(service_pool, keys=lambda: keys, checkpoint_interval=0, writer_lanes=2)
+    put, close = log.pipeline()
+    batches = [[event_tuple(AuditEvent("match", "apikey:lanes", outcome="unknown", details={"i": b * 100 + i}))
+                for i in range(100)] for b in range(4)]
+    marker = threading.Event()
+    flushed = type("Marker", (), {"done": marker})()
+    for batch in batches:
+        put(batch, [])
+    put([], [flushed])
+    assert marker.wait(30)
+    with service_pool.connection() as conn:  # committed before the marker fired, on both lanes
+        lanes = [_chain_rows(conn, lane["match"].name) for lane in log.lanes]
+    close()
+    assert [len(rows) for rows in lanes] == [200, 200]
+    assert {r["details"]["i"] for rows in lanes for r in rows} == set(range(400))
+    assert len({lane["match"].name for lane in log.lanes}) == 2
+    for rows in lanes:
+        _assert_chained(rows)
 
 
 def test_record_commits_with_the_callers_transaction_and_vanishes_on_rollback(audit, service_pool) -> None:
