@@ -248,6 +248,9 @@ class ChainHead:
         self.name, self.cls = name, cls
         self.seq, self.hash, self.ts = 0, ZERO_HASH, datetime.min.replace(tzinfo=UTC)
         self.announced = False
+        # as the record header and a COPY line need them, formatted once
+        self.name_json, self.cls_json = encode_basestring(name), encode_basestring(cls)
+        self.name_needs_escape = bool(_COPY_SPECIAL.search(name))
 
 
 Head = tuple[ChainHead, int, bytes, datetime]  # a chain's head after a batch: (chain, seq, hash, ts)
@@ -275,8 +278,7 @@ def format_copy_batch(
         st = state.get(cls)
         if st is None:
             chain = chains[cls]
-            st = state[cls] = [chain, _text(chain.name, 200, {}), _text(cls, 40, {}), chain.seq, chain.hash.hex(),
-                               micros(chain.ts), chain.hash]
+            st = state[cls] = [chain, chain.seq, chain.hash.hex(), micros(chain.ts), chain.hash]  # seq, prev hex, µs
         # fields: (bounded text, its JSON, needs COPY escaping) for the repeating ones
         act = _ACTIONS.get(action) or _text(action, 100, _ACTIONS)
         actor = _ACTORS.get(actor_value) or _text(actor_value, 200, _ACTORS)
@@ -293,25 +295,25 @@ def format_copy_batch(
         # ts in µs since the epoch, never before the chain's last; "YYYY-MM-DDTHH:MM:SS" cached per second
         if type(ts) is not int:
             ts = micros(ts)
-        if ts < st[5]:
-            ts = st[5]
+        if ts < st[3]:
+            ts = st[3]
         second, micro = divmod(ts, 1_000_000)
         prefix = seconds.get(second)
         if prefix is None:
             prefix = _second_prefix(second)
         ts_s = f"{prefix}.{micro:06d}+00:00"
-        seq = st[3] + 1
-        prev_hex = st[4]
+        seq = st[1] + 1
+        prev_hex = st[2]
         request_json = "null" if request_id is None else encode_basestring(request_id)
         object_json = "null" if object_id is None else encode_basestring(object_id)
         body = (f'{{"actor":{actor[1]},"details":{details_json},"object_id":{object_json},'
                 f'"request_id":{request_json},"subject_id":{subj_json}}}')
-        header = (f'{{"action":{act[1]},"body":"{sha(body.encode()).hexdigest()}","chain":{st[1][1]},'
-                  f'"class":{st[2][1]},"outcome":{outcome[1]},"prev":"{prev_hex}","seq":{seq},"subj":{subj_digest},'
+        header = (f'{{"action":{act[1]},"body":"{sha(body.encode()).hexdigest()}","chain":{st[0].name_json},'
+                  f'"class":{st[0].cls_json},"outcome":{outcome[1]},"prev":"{prev_hex}","seq":{seq},"subj":{subj_digest},'
                   f'"ts":"{ts_s}","v":{FORMAT_VERSION}}}')
         digest = sha(header.encode()).digest()
         digest_hex = digest.hex()
-        if (st[1][2] or act[2] or actor[2] or outcome[2] or "\\" in details_json  # JSON escapes the rest
+        if (st[0].name_needs_escape or act[2] or actor[2] or outcome[2] or "\\" in details_json  # JSON escapes the rest
                 or (request_id is not None and _COPY_SPECIAL.search(request_id))
                 or (object_id is not None and _COPY_SPECIAL.search(object_id))):
             append("\t".join((ts_s, _copy_text(st[0].name), str(seq), cls, _copy_text(actor[0]), _copy_text(act[0]),
@@ -322,9 +324,9 @@ def format_copy_batch(
                    f"{_NULL if object_id is None else object_id}\t{outcome[0]}\t"
                    f"{_NULL if request_id is None else request_id}\t{details_json}\t"
                    f"\\\\x{prev_hex}\t\\\\x{digest_hex}\n")
-        st[3], st[4], st[5], st[6] = seq, digest_hex, ts, digest
+        st[1], st[2], st[3], st[4] = seq, digest_hex, ts, digest
     heads: list[Head] = []
-    for chain, _name, _cls, seq, _hex, ts, digest in state.values():
+    for chain, seq, _hex, ts, digest in state.values():
         chain.seq, chain.hash, chain.ts = seq, digest, _EPOCH + timedelta(microseconds=ts)
         heads.append((chain, seq, digest, chain.ts))
     return lines, heads

@@ -200,13 +200,13 @@ class AuditLog:
         self.child: WriterProcess | None = None
         self._markers: dict[int, _Flush] = {}
         self._marker_ids = itertools.count(1)
-        self.chains = {c: ChainHead(f"{self.chain_base}:{c}", c) for c in (AUDIT_CLASS, MATCH_CLASS)}
-        # The writer process's COPY lanes: lane 0 writes the chains above, lane k its own ``…:l<k>:<class>``
+        # The writer process's COPY lanes: lane 0 writes ``<base>:<class>``, lane k its own ``<base>:l<k>:<class>``
         # chains, each in order on its own connection, so one PostgreSQL backend is not the ceiling.
-        self.lanes = [self.chains] + [
-            {c: ChainHead(f"{self.chain_base}:l{k}:{c}", c) for c in (AUDIT_CLASS, MATCH_CLASS)}
-            for k in range(1, self.writer_lanes)
+        self.lanes = [
+            {c: ChainHead(f"{self.chain_base}{f':l{k}' if k else ''}:{c}", c) for c in (AUDIT_CLASS, MATCH_CLASS)}
+            for k in range(self.writer_lanes)
         ]
+        self.chains = self.lanes[0]  # the thread writer's chains
         # A deque, not queue.Queue: append/popleft are atomic without a lock, so submit costs ~0.1 µs on
         # the match path; the bound is checked by len() (approximate under races, which is fine).
         self._queue: deque[AuditEvent | _Flush] = deque()
