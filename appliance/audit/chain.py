@@ -93,7 +93,7 @@ def action_class(action: str, match_actions: frozenset[str] = DEFAULT_MATCH_ACTI
 
 
 def sanitize_details(details: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Return details safe to store and hash, and the keys removed. Values must survive jsonb unchanged."""
+    """Return details safe to store and hash, and the keys removed. Values must survive a JSON round trip unchanged."""
     if not details:
         return {}, []
     if _is_plain(details):
@@ -159,8 +159,8 @@ def _clean(value: Any, path: str, removed: list[str], depth: int) -> Any:
         if not math.isfinite(value):
             return None
         if value == 0:
-            return 0.0  # jsonb has no negative zero
-        return value if abs(value) < 1e15 else repr(value)  # jsonb would print huge floats as integers
+            return 0.0  # "-0.0" would not survive every JSON reader
+        return value if abs(value) < 1e15 else repr(value)  # readers differ on huge floats; a string is exact
     if isinstance(value, bytes | bytearray | memoryview):
         removed.append(path or "*")  # raw bytes are keys, blobs or vectors: never logged
         return _DROP

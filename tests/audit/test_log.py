@@ -10,7 +10,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from appliance.audit import AuditEvent
-from appliance.audit.chain import ZERO_HASH, header_hash, header_of, record_from_row
+from appliance.audit.chain import ZERO_HASH, canonical_json, header_hash, header_of, record_from_row
 
 
 def _chain_rows(conn, chain):  # type: ignore[no-untyped-def]
@@ -164,6 +164,22 @@ def test_sensitive_details_never_reach_the_log(audit, service_pool) -> None:
     text = str(details)
     assert "apl_" not in text and "0.1" not in text and "Bearer" not in text
     assert set(details["_redacted"]) >= {"vector", "token", "nested.dek", "note", "blob"}
+
+
+def test_stored_details_are_the_exact_text_that_was_hashed(audit, service_pool) -> None:
+    """Details are `json`, not `jsonb`: the row keeps the canonical bytes, so nothing re-prints them."""
+    marker = uuid.uuid4().hex
+    details = {"similarity": 0.9512, "k": 5, "camera_id": "cam-\u00e9", "zeta": None, "alpha": [1, 2.5]}
+    audit.submit(AuditEvent("match", "apikey:test", outcome="match", object_id=marker, details=details))
+    with service_pool.connection() as conn, conn.transaction():
+        audit.record(conn, AuditEvent("subject.read", "apikey:test", object_id=marker, details=details))
+    assert audit.flush(10)
+    with service_pool.connection() as conn:
+        rows = conn.execute("SELECT details::text, pg_typeof(details)::text FROM audit_log WHERE object_id = %s",
+                            (marker,)).fetchall()
+    assert len(rows) == 2
+    for text, kind in rows:
+        assert kind == "json" and text.encode() == canonical_json(details)
 
 
 def test_service_role_cannot_update_delete_or_truncate_the_audit_trail(audit, settings, service_pool) -> None:
