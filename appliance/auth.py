@@ -28,6 +28,7 @@ from appliance.logs import get_logger
 log = get_logger(__name__)
 
 KEY_PREFIX = "apl"
+_VERIFIED_MAX = 1024  # headers remembered per refresh period by KeyCache
 
 
 class Scope(StrEnum):
@@ -116,6 +117,9 @@ class KeyCache:
 
     ``authenticate`` is a dict lookup plus a constant-time compare; it only goes to PostgreSQL for
     a prefix it has never seen (a key created since the last refresh), at most once per refresh.
+    A header it has verified since the last refresh is answered by one dict lookup (``_verified``:
+    every match repeats its pipeline's header); each refresh starts that dict afresh, so a revoked
+    key stops working at the same moment as without it.
     """
 
     def __init__(self, pool: ConnectionPool, ttl: float) -> None:
@@ -123,6 +127,7 @@ class KeyCache:
         self._ttl = ttl
         self._keys: dict[str, ApiKey] = {}
         self._misses: dict[str, float] = {}
+        self._verified: dict[str, ApiKey] = {}  # Authorization header -> its key, since the last refresh
         self._loaded_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -150,10 +155,21 @@ class KeyCache:
         keys = {k.prefix: k for k in map(_row, rows)}
         with self._lock:
             self._keys = keys
+            self._verified = {}  # after _keys: a header verified against older keys lands in the old dict
             self._misses.clear()
             self._loaded_at = time.monotonic()
 
     def authenticate(self, authorization: str | None) -> ApiKey:
+        verified = self._verified
+        key = verified.get(authorization) if authorization else None
+        if key is not None:
+            return key
+        key = self._verify(authorization)
+        if authorization and len(verified) < _VERIFIED_MAX:  # only verified headers: ~one per live key
+            verified[authorization] = key
+        return key
+
+    def _verify(self, authorization: str | None) -> ApiKey:
         if not authorization:
             raise Unauthorized("missing Authorization: Bearer <API key>")
         scheme, _, token = authorization.partition(" ")

@@ -2,7 +2,7 @@
 
 Invariant: a label in the tombstone set is never returned by ``match``. Tombstones reach this process
 four ways: directly (``tombstone_subject`` in this process), through the feed, and, for a worker whose
-feed is behind, through the host's tombstone file (``vector.tombstones``: one ``fstat`` after every
+feed is behind, through the host's tombstone file (``vector.tombstones``: one ``lseek`` after every
 search) and, where several hosts share the database, one Redis ``SMISMEMBER`` over the candidate
 labels. While Redis is down matching goes on from memory, and the follower re-syncs from PostgreSQL
 once it returns.

@@ -46,22 +46,24 @@ class RWLock:
     """Many readers or one writer; a waiting writer blocks new readers so adds are not starved."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
 
     def acquire_read(self) -> None:
-        """The read side as two plain calls (the match path takes it on every search)."""
-        with self._cond:
+        """The read side as two plain calls (the match path takes it on every search). They hold the
+        Condition's lock directly: entering the Condition itself costs two Python-level calls more."""
+        with self._mutex:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
 
     def release_read(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._readers -= 1
-            if not self._readers:
+            if not self._readers and self._writers_waiting:  # only a writer waits for readers to leave
                 self._cond.notify_all()
 
     @contextmanager
@@ -167,7 +169,8 @@ class HotIndex:
                 labels = np.where(valid, self._labels[pos], -1)
             else:
                 labels = self._labels[pos]
-            return Hits(sims, labels, self._subjects[pos], self._encodings[pos])
+            # take, not [pos]: fancy indexing copies the 16-byte rows one memcpy call each (~5x slower)
+            return Hits(sims, labels, self._subjects.take(pos, axis=0), self._encodings.take(pos, axis=0))
         finally:
             lock.release_read()
 

@@ -47,7 +47,7 @@ def from_float32_bytes(body: bytes, dim: int) -> np.ndarray:
 def check_matrix(x: np.ndarray) -> np.ndarray:
     if not np.isfinite(x).all():
         raise InvalidVector("embedding contains NaN or infinite values")
-    if not (np.abs(x).max(axis=1) > 0).all():
+    if not x.any(axis=1).all():  # every row has a non-zero value (-0.0 counts as zero); half abs().max()'s cost
         raise InvalidVector("embedding is a zero vector")
     return x
 

@@ -4,7 +4,7 @@ Why a file: an erasure must hide a subject from *every* worker before its call r
 worker whose Redis feed is behind. Asking Redis on every match costs a network round trip on the
 hot path; on one host the page cache already is shared memory. The eraser appends the labels
 (8-byte little-endian int64 each, one ``write`` with ``O_APPEND``) before it returns; a matcher
-compares the file size with what it has read (one ``fstat``, well under a microsecond) after each
+compares the file size with what it has read (one ``lseek``, well under a microsecond) after each
 search and, if the file grew, reads the new labels and searches again. PostgreSQL and Redis stay
 the sources of truth: the file only carries the news faster. Several hosts sharing one database
 enable the Redis probe as well (``index_redis_tombstone_probe``).
@@ -42,9 +42,13 @@ class LocalTombstones:
         os.fsync(self._fd)
 
     def changed(self) -> bool:
-        """Cheap test for the match path: has anyone appended since the last ``read_new``?"""
+        """Cheap test for the match path: has anyone appended since the last ``read_new``?
+
+        The size comes from ``lseek(SEEK_END)``, one syscall returning an int, where ``fstat`` also
+        builds a 20-field result (~4x the cost). Moving the offset is harmless: every write appends
+        (``O_APPEND``) and every read says where (``pread``)."""
         try:
-            return os.fstat(self._fd).st_size > self._read
+            return os.lseek(self._fd, 0, os.SEEK_END) > self._read
         except OSError:
             return False
 

@@ -38,9 +38,16 @@ class ApplianceAPI(FastAPI):
     their FastAPI routes stay as the documented definition and the fallback when it is switched off.
     """
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # (method, path) -> raw ASGI handler, set by features (the match path). The same dict is
+        # app.state.fast_routes; this attribute spares every request a State.__getattr__ call.
+        self.fast_routes: dict[tuple[str, str], ASGIApp] = {}
+        self.state.fast_routes = self.fast_routes
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            handler: ASGIApp | None = self.state.fast_routes.get((scope["method"], scope["path"]))
+            handler: ASGIApp | None = self.fast_routes.get((scope["method"], scope["path"]))
             if handler is not None:
                 await handler(scope, receive, send)
                 return
@@ -78,8 +85,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
     app.state.body_limits = {}  # path prefix -> max request bytes, set by features (e.g. media uploads)
-    fast: dict[tuple[str, str], Any] = {}
-    app.state.fast_routes = fast  # (method, path) -> raw ASGI handler, set by features (the match path)
     problems.install(app)
     app.include_router(health.router)
     for register in _feature_routers():

@@ -33,7 +33,7 @@ def _orphans(admin_dsn: str, tag: str) -> tuple[int, int]:
         return conn.execute(
             """SELECT count(*), count(*) FILTER (WHERE NOT EXISTS (
                    SELECT 1 FROM audit_log a WHERE a.action = 'enrol' AND a.subject_id = e.subject_id
-                   AND a.details -> 'encodings' ? e.id::text))
+                   AND a.details::jsonb -> 'encodings' ? e.id::text))
                FROM encodings e JOIN subjects s ON s.id = e.subject_id WHERE s.external_ref LIKE %s""",
             (f"{tag}-%",),
         ).fetchone()
