@@ -257,9 +257,9 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
         return {"n": len(xs), "p50_ms": round(pct(xs, 50), 3), "p99_ms": round(pct(xs, 99), 3),
                 "mean_ms": round(float(np.mean(xs)), 3)}
 
-    def compare(rate: int, external: bool, client: float = 0.0) -> dict[str, Any]:
-        """Alternate phases without and with ``rate`` extra audit events/s (in this process or another),
-        the match client back to back (``client`` 0) or paced at ``client`` requests/s."""
+    def compare(rate: int, load: str, client: float = 0.0) -> dict[str, Any]:
+        """Alternate phases without and with ``rate`` extra audit events/s (``load``: in this process or
+        another), or with the ``cpu_burn`` peer; the match client back to back (``client`` 0) or paced."""
         base: list[float] = []
         loaded: list[float] = []
         offered = []
@@ -268,7 +268,14 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
             b_round = run_client(client)
             base += b_round
             n_loaded = len(loaded)
-            if external:
+            if load == "cpu_burn":
+                proc = subprocess.Popen([sys.executable, "-c", _BURN])
+                time.sleep(0.5)
+                loaded += run_client(client)
+                proc.kill()
+                proc.wait()
+                offered.append(0.0)
+            elif load == "other_process":
                 env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
                 proc = subprocess.Popen([sys.executable, __file__, "--load", settings.database_url.get_secret_value(),
                                          str(rate)], env=env, stdout=subprocess.PIPE, text=True)
@@ -292,20 +299,31 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
 
     out: dict[str, Any] = {"note": "every match also submits its own audit event in all phases; "
                                    "in_process = the load shares the API process (its GIL), "
-                                   "other_process = the same load written by another process (CPU only)"}
+                                   "other_process = the same load written by another process (CPU only), "
+                                   "cpu_burn = the peer: one core of pure CPU at idle priority, no audit load"}
     for rate in rates:
-        out[f"in_process_{rate}"] = compare(rate, external=False)
+        out[f"in_process_{rate}"] = compare(rate, "in_process")
         print(rate, "in_process", out[f"in_process_{rate}"], flush=True)
     if client_rate:
         # a camera pipeline's pace rather than a saturating loop: the 2 cores are not also busy with the
         # client and a back-to-back server, so the difference is the audit load's own cost
-        out[f"in_process_{rates[0]}_paced_client"] = compare(rates[0], external=False, client=client_rate)
+        out[f"in_process_{rates[0]}_paced_client"] = compare(rates[0], "in_process", client=client_rate)
         out[f"in_process_{rates[0]}_paced_client"]["client_requests_per_s"] = client_rate
         print(rates[0], "in_process, paced client", out[f"in_process_{rates[0]}_paced_client"], flush=True)
-    out[f"other_process_{rates[0]}"] = compare(rates[0], external=True)
+    out[f"other_process_{rates[0]}"] = compare(rates[0], "other_process")
+    print(rates[0], "other_process", out[f"other_process_{rates[0]}"], flush=True)
+    # what any background work of that size costs the match p99 on this machine, audit or not
+    out["cpu_burn_peer"] = compare(0, "cpu_burn")
+    print("cpu burn peer", out["cpu_burn_peer"], flush=True)
     server.should_exit = True
     thread.join(60)
     return out
+
+
+# The interference peer: one core of SHA-256 at SCHED_IDLE, the lowest CPU priority Linux has, so any
+# p99 rise it causes is the machine's (caches, memory, the hypervisor), not the scheduler's.
+_BURN = ("import hashlib, os\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+         "b = os.urandom(1 << 16)\nwhile True:\n    hashlib.sha256(b).digest()\n")
 
 
 def _load_process(dsn: str, rate: int) -> None:
