@@ -22,6 +22,7 @@ import json
 import math
 import re
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
@@ -255,81 +256,216 @@ class ChainHead:
 
 Head = tuple[ChainHead, int, bytes, datetime]  # a chain's head after a batch: (chain, seq, hash, ts)
 
+# --- match blocks: many match records in one row ------------------------------------------------------
+#
+# Why: a camera appliance writes tens of thousands of match events per second; one PostgreSQL row per
+# event (heap tuple, primary-key and subject-index entries, per-row COPY parsing) cost ~20 us of CPU
+# each, more than the match that caused it. The records and their hashes are exactly those of single
+# rows; only storage differs: a *block* row holds up to BLOCK_MAX consecutive records of one match chain
+# as a zlib-compressed JSON array of ``[ts, action, outcome, body]`` (``body`` the record's canonical
+# body text, see the module docstring), their 32-byte hashes concatenated, and the distinct subject ids
+# (GIN-indexed for access requests). The row's ``seq``/``ts``/``hash`` are its last record's,
+# ``prev_hash`` its first record's ``prev``, ``first_ts`` its first record's time. A block never spans
+# two calendar months, so dropping a monthly partition still cuts each chain between records.
+
+BLOCK_MAX = 1000
+BLOCK_COLUMNS = "ts, first_ts, chain, seq, events, class, actor, action, outcome, details, prev_hash, hash, packed, " \
+                "hashes, subjects"
+BLOCK_TYPES = ["timestamptz", "timestamptz", "text", "int8", "int4", "text", "text", "text", "text", "json",
+               "bytea", "bytea", "bytea", "bytea", "uuid[]"]
+BLOCK_ACTOR, BLOCK_ACTION, BLOCK_OUTCOME = "system:audit", "audit.block", "ok"
+_ZLIB_LEVEL = 1  # ~9x smaller on match events for ~2 us each; level 6 costs 3x more for a few % more
+
+
+class Formatted:
+    """One batch as the copier writes it: per-record COPY lines (non-match classes), the match chain's
+    new records as block material, and every touched chain's new head."""
+
+    __slots__ = ("digests", "elements", "first_prev", "heads", "lines", "match_chain", "match_seq", "subjects", "times")
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.elements: list[bytes] = []  # one ``[ts, action, outcome, body]`` JSON array per match record
+        self.digests = bytearray()  # their hashes, 32 bytes each, in seq order
+        self.times: list[int] = []  # their times, us since the epoch
+        self.subjects: list[str | None] = []
+        self.match_chain: ChainHead | None = None
+        self.match_seq = 0  # seq of the first match record here
+        self.first_prev = ZERO_HASH  # and its prev
+        self.heads: dict[str, Head] = {}
+
+    def __len__(self) -> int:
+        return len(self.lines) + len(self.elements)
+
+    def blocks(self) -> list[tuple[Any, ...]]:
+        """The match records as block rows (BLOCK_COLUMNS order), split at BLOCK_MAX and at month ends."""
+        out: list[tuple[Any, ...]] = []
+        chain, times, n = self.match_chain, self.times, len(self.elements)
+        if chain is None or not n:
+            return out
+        start = 0
+        while start < n:
+            stop = min(n, start + BLOCK_MAX)
+            month_end = _month_end_micros(times[start])
+            if times[stop - 1] >= month_end:  # rare: the block would cross a month; cut it there
+                stop = next(i for i in range(start, stop) if times[i] >= month_end)
+            first_seq = self.match_seq + start
+            prev = self.first_prev if start == 0 else bytes(self.digests[32 * (start - 1):32 * start])
+            subjects = [uuid.UUID(s) for s in sorted({s for s in self.subjects[start:stop] if s is not None})]
+            packed = zlib.compress(b"[" + b",".join(self.elements[start:stop]) + b"]", _ZLIB_LEVEL)
+            out.append((
+                _EPOCH + timedelta(microseconds=times[stop - 1]), _EPOCH + timedelta(microseconds=times[start]),
+                chain.name, first_seq + (stop - start) - 1, stop - start, chain.cls, BLOCK_ACTOR, BLOCK_ACTION,
+                BLOCK_OUTCOME, "{}", prev, bytes(self.digests[32 * (stop - 1):32 * stop]), packed,
+                bytes(self.digests[32 * start:32 * stop]), subjects or None,
+            ))
+            start = stop
+        return out
+
+
+try:  # the compiled match loop (setup.py builds it when a C compiler and OpenSSL's headers are there)
+    from appliance.audit import _fastchain as _FAST_MODULE
+except ImportError:  # pragma: no cover - depends on the build
+    _FAST_MODULE = None
+_FAST: Any = _FAST_MODULE
+
+
+def _month_end_micros(ts: int) -> int:
+    t = _EPOCH + timedelta(microseconds=ts)
+    nxt = datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=UTC)
+    return (nxt - _EPOCH) // _MICROSECOND
+
+
+def unpack_block(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The records of a block row, in the exported form (the verifier recomputes each ``hash``)."""
+    elements = json.loads(zlib.decompress(bytes(row["packed"])))
+    hashes = bytes(row["hashes"])
+    n = int(row["events"])
+    if len(elements) != n or len(hashes) != 32 * n:
+        raise ValueError(f"audit block {row['chain']}:{row['seq']} is damaged: {n} records announced, "
+                         f"{len(elements)} stored with {len(hashes) // 32} hashes")
+    first = int(row["seq"]) - n + 1
+    prev = bytes(row["prev_hash"]).hex()
+    out = []
+    for i, (ts, action, outcome, body) in enumerate(elements):
+        digest = hashes[32 * i:32 * i + 32].hex()
+        out.append({
+            "chain": row["chain"], "seq": first + i, "ts": ts, "class": row["class"], "actor": body["actor"],
+            "action": action, "subject_id": body["subject_id"], "object_id": body["object_id"], "outcome": outcome,
+            "request_id": body["request_id"], "details": body["details"], "prev_hash": prev, "hash": digest,
+        })
+        prev = digest
+    return out
+
 
 def format_copy_batch(
     events: Iterable[EventTuple], chains: Mapping[str, ChainHead], match_actions: frozenset[str],
-    on_redacted: Callable[[str, list[str]], None] | None = None,
-) -> tuple[list[str], list[Head]]:
-    """Hash ``events`` (``event_tuple``s) onto their class's chain, advancing the heads, and return one
-    line of ``COPY audit_log (COPY_COLUMNS)`` text per event plus each touched chain's new head.
+    on_redacted: Callable[[str, list[str]], None] | None = None, into: Formatted | None = None,
+) -> Formatted:
+    """Hash ``events`` (``event_tuple``s) onto their class's chain, advancing the heads: a COPY text
+    line per non-match record, block material per match record (see ``Formatted``), into ``into``.
 
-    The batch writer's hot loop, so it is one flat loop: repeated strings (actor, action, outcome,
-    chain), detail key sets, and timestamps' whole seconds are checked or formatted once and cached;
-    flat details go straight to the C JSON encoder. Tests prove the hashes equal
-    ``header_hash(header_of(rec))`` of ``build_record`` (what the verifier computes).
+    The batch writer's hot loop. Match records go through the compiled ``_fastchain`` when it is
+    built (the same bytes: tests compare both), else through ``_format_one``; repeated strings
+    (actor, action, outcome, chain), detail key sets and timestamps' whole seconds are checked or
+    formatted once and cached. Tests prove the hashes equal ``header_hash(header_of(rec))`` of
+    ``build_record`` (what the verifier computes).
     """
-    lines: list[str] = []
-    append = lines.append
-    sha = hashlib.sha256
-    seconds = _SECONDS
+    out = Formatted() if into is None else into
+    events = events if isinstance(events, list) else list(events)
     state: dict[str, list[Any]] = {}
-    for ts, action, actor_value, outcome_value, subject, object_id, request_id, details in events:
-        cls = MATCH_CLASS if action in match_actions else AUDIT_CLASS
-        st = state.get(cls)
-        if st is None:
-            chain = chains[cls]
-            st = state[cls] = [chain, chain.seq, chain.hash.hex(), micros(chain.ts), chain.hash]  # seq, prev hex, µs
-        # fields: (bounded text, its JSON, needs COPY escaping) for the repeating ones
-        act = _ACTIONS.get(action) or _text(action, 100, _ACTIONS)
-        actor = _ACTORS.get(actor_value) or _text(actor_value, 200, _ACTORS)
-        outcome = _OUTCOMES.get(outcome_value) or _text(outcome_value, 40, _OUTCOMES)
-        if subject is None:
-            subj_copy, subj_json, subj_digest = _NULL, "null", "null"
-        else:
-            subj_copy, subj_json, subj_digest = _SUBJECTS.get(subject) or _subject(subject)
-        if request_id is not None and (type(request_id) is not str or len(request_id) > 100 or "\x00" in request_id):
-            request_id = _bounded(request_id, 100)
-        if object_id is not None and (type(object_id) is not str or len(object_id) > MAX_STRING or "\x00" in object_id):
-            object_id = _bounded(object_id, MAX_STRING)
-        details_json = _details_json(details, action, on_redacted)
-        # ts in µs since the epoch, never before the chain's last; "YYYY-MM-DDTHH:MM:SS" cached per second
-        if type(ts) is not int:
-            ts = micros(ts)
-        if ts < st[3]:
-            ts = st[3]
-        second, micro = divmod(ts, 1_000_000)
-        prefix = seconds.get(second)
-        if prefix is None:
-            prefix = _second_prefix(second)
-        ts_s = f"{prefix}.{micro:06d}+00:00"
-        seq = st[1] + 1
-        prev_hex = st[2]
-        request_json = "null" if request_id is None else encode_basestring(request_id)
-        object_json = "null" if object_id is None else encode_basestring(object_id)
-        body = (f'{{"actor":{actor[1]},"details":{details_json},"object_id":{object_json},'
-                f'"request_id":{request_json},"subject_id":{subj_json}}}')
-        header = (f'{{"action":{act[1]},"body":"{sha(body.encode()).hexdigest()}","chain":{st[0].name_json},'
-                  f'"class":{st[0].cls_json},"outcome":{outcome[1]},"prev":"{prev_hex}","seq":{seq},"subj":{subj_digest},'
-                  f'"ts":"{ts_s}","v":{FORMAT_VERSION}}}')
-        digest = sha(header.encode()).digest()
-        digest_hex = digest.hex()
-        if (st[0].name_needs_escape or act[2] or actor[2] or outcome[2] or "\\" in details_json  # JSON escapes the rest
-                or (request_id is not None and _COPY_SPECIAL.search(request_id))
-                or (object_id is not None and _COPY_SPECIAL.search(object_id))):
-            append("\t".join((ts_s, _copy_text(st[0].name), str(seq), cls, _copy_text(actor[0]), _copy_text(act[0]),
-                              subj_copy, _copy_text(object_id), _copy_text(outcome[0]), _copy_text(request_id),
-                              _copy_text(details_json), "\\\\x" + prev_hex, "\\\\x" + digest_hex)) + "\n")
-        else:
-            append(f"{ts_s}\t{st[0].name}\t{seq}\t{cls}\t{actor[0]}\t{act[0]}\t{subj_copy}\t"
-                   f"{_NULL if object_id is None else object_id}\t{outcome[0]}\t"
-                   f"{_NULL if request_id is None else request_id}\t{details_json}\t"
-                   f"\\\\x{prev_hex}\t\\\\x{digest_hex}\n")
-        st[1], st[2], st[3], st[4] = seq, digest_hex, ts, digest
-    heads: list[Head] = []
+    fast = _FAST if MATCH_CLASS in chains else None
+    i, n = 0, len(events)
+    while i < n:
+        if fast is not None:
+            st = state.get(MATCH_CLASS)
+            if st is None:
+                st = _state(state, chains, MATCH_CLASS, out)
+            i = fast.match_run(events, i, match_actions, st, out.elements, out.digests, out.times, out.subjects)
+            if i >= n:
+                break
+        _format_one(events[i], state, chains, match_actions, on_redacted, out)
+        i += 1
     for chain, seq, _hex, ts, digest in state.values():
+        if seq == chain.seq:
+            continue  # set up for the compiled loop, never used
         chain.seq, chain.hash, chain.ts = seq, digest, _EPOCH + timedelta(microseconds=ts)
-        heads.append((chain, seq, digest, chain.ts))
-    return lines, heads
+        out.heads[chain.name] = (chain, seq, digest, chain.ts)
+    return out
+
+
+def _state(state: dict[str, list[Any]], chains: Mapping[str, ChainHead], cls: str, out: Formatted) -> list[Any]:
+    """A chain's running head for one batch: [chain, seq, prev hash hex, last time (us), prev hash]."""
+    chain = chains[cls]
+    st = state[cls] = [chain, chain.seq, chain.hash.hex(), micros(chain.ts), chain.hash]
+    if cls == MATCH_CLASS and out.match_chain is None:
+        out.match_chain, out.match_seq, out.first_prev = chain, chain.seq + 1, chain.hash
+    elif cls == MATCH_CLASS and out.match_chain is not chain:
+        raise ValueError("one Formatted holds the match records of one chain")
+    return st
+
+
+def _format_one(event: EventTuple, state: dict[str, list[Any]], chains: Mapping[str, ChainHead],
+                match_actions: frozenset[str], on_redacted: Callable[[str, list[str]], None] | None,
+                out: Formatted) -> None:
+    """One record, in full generality: the reference the compiled loop is tested against."""
+    ts, action, actor_value, outcome_value, subject, object_id, request_id, details = event
+    cls = MATCH_CLASS if action in match_actions else AUDIT_CLASS
+    st = state.get(cls)
+    if st is None:
+        st = _state(state, chains, cls, out)
+    # fields: (bounded text, its JSON, needs COPY escaping) for the repeating ones
+    act = _ACTIONS.get(action) or _text(action, 100, _ACTIONS)
+    actor = _ACTORS.get(actor_value) or _text(actor_value, 200, _ACTORS)
+    outcome = _OUTCOMES.get(outcome_value) or _text(outcome_value, 40, _OUTCOMES)
+    if subject is None:
+        subj_copy, subj_json, subj_digest = _NULL, "null", "null"
+    else:
+        subj_copy, subj_json, subj_digest = _SUBJECTS.get(subject) or _subject(subject)
+    if request_id is not None and (type(request_id) is not str or len(request_id) > 100 or "\x00" in request_id):
+        request_id = _bounded(request_id, 100)
+    if object_id is not None and (type(object_id) is not str or len(object_id) > MAX_STRING or "\x00" in object_id):
+        object_id = _bounded(object_id, MAX_STRING)
+    details_json = _details_json(details, action, on_redacted)
+    # ts in us since the epoch, never before the chain's last; "YYYY-MM-DDTHH:MM:SS" cached per second
+    if type(ts) is not int:
+        ts = micros(ts)
+    if ts < st[3]:
+        ts = st[3]
+    second, micro = divmod(ts, 1_000_000)
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        prefix = _second_prefix(second)
+    ts_s = f"{prefix}.{micro:06d}+00:00"
+    seq = st[1] + 1
+    prev_hex = st[2]
+    request_json = "null" if request_id is None else encode_basestring(request_id)
+    object_json = "null" if object_id is None else encode_basestring(object_id)
+    body = (f'{{"actor":{actor[1]},"details":{details_json},"object_id":{object_json},'
+            f'"request_id":{request_json},"subject_id":{subj_json}}}').encode()
+    header = (f'{{"action":{act[1]},"body":"{hashlib.sha256(body).hexdigest()}","chain":{st[0].name_json},'
+              f'"class":{st[0].cls_json},"outcome":{outcome[1]},"prev":"{prev_hex}","seq":{seq},"subj":{subj_digest},'
+              f'"ts":"{ts_s}","v":{FORMAT_VERSION}}}')
+    digest = hashlib.sha256(header.encode()).digest()
+    digest_hex = digest.hex()
+    if cls == MATCH_CLASS:
+        out.elements.append(f'["{ts_s}",{act[1]},{outcome[1]},'.encode() + body + b"]")
+        out.digests += digest
+        out.times.append(ts)
+        out.subjects.append(None if subject is None else subj_copy)
+    elif (st[0].name_needs_escape or act[2] or actor[2] or outcome[2] or "\\" in details_json  # JSON escapes the rest
+            or (request_id is not None and _COPY_SPECIAL.search(request_id))
+            or (object_id is not None and _COPY_SPECIAL.search(object_id))):
+        out.lines.append("\t".join((ts_s, _copy_text(st[0].name), str(seq), cls, _copy_text(actor[0]),
+                                    _copy_text(act[0]), subj_copy, _copy_text(object_id), _copy_text(outcome[0]),
+                                    _copy_text(request_id), _copy_text(details_json), "\\\\x" + prev_hex,
+                                    "\\\\x" + digest_hex)) + "\n")
+    else:
+        out.lines.append(f"{ts_s}\t{st[0].name}\t{seq}\t{cls}\t{actor[0]}\t{act[0]}\t{subj_copy}\t"
+                         f"{_NULL if object_id is None else object_id}\t{outcome[0]}\t"
+                         f"{_NULL if request_id is None else request_id}\t{details_json}\t"
+                         f"\\\\x{prev_hex}\t\\\\x{digest_hex}\n")
+    st[1], st[2], st[3], st[4] = seq, digest_hex, ts, digest
 
 
 # value -> (bounded text, its JSON string, needs COPY escaping), per field (each has its own bound)
@@ -515,3 +651,7 @@ def checkpoint_message(cp: dict[str, Any]) -> bytes:
             "kind": cp["kind"],
         }
     )
+
+
+if _FAST is not None:  # the compiled loop reads (never writes) the same caches the Python path fills
+    _FAST.setup(_ACTIONS, _ACTORS, _OUTCOMES, _SUBJECTS, _SECONDS, _KEY_OK, _SAFE_TEXT, _ENCODE_FLAT, encode_basestring)

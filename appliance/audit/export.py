@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from appliance.audit.chain import canonical_json, record_from_row, stub_of, subject_digest, ts_text
+from appliance.audit.chain import canonical_json, record_from_row, stub_of, subject_digest, ts_text, unpack_block
 from appliance.audit.checkpoints import key_fingerprint, row_to_checkpoint
 from crypto.providers.base import KeyProvider
 
@@ -37,7 +37,9 @@ EXPORT_FORMAT = "appliance-audit-export"
 CSV_COLUMNS = ("type", "chain", "seq", "ts", "action", "outcome", "subject_id", "actor", "object_id", "request_id",
                "json")
 _RECORD_COLUMNS = "ts, chain, seq, class, actor, action, subject_id, object_id, outcome, request_id, details, " \
-                  "prev_hash, hash"
+                  "prev_hash, hash, first_ts, events, packed, hashes"
+# A block row holds records seq - events + 1 .. seq (see "match blocks" in appliance.audit.chain).
+_FIRST_SEQ = "seq - coalesce(events, 1) + 1"
 
 
 class ExportError(ValueError):
@@ -78,23 +80,73 @@ class ExportFilter:
 
 
 def _window_sql(flt: ExportFilter) -> tuple[str, list[Any]]:
+    """Rows holding at least one record of the window's time range (a block row spans first_ts..ts)."""
     clauses, params = [], []
     if flt.start is not None:
         clauses.append("ts >= %s")
         params.append(flt.start)
     if flt.end is not None:
-        clauses.append("ts < %s")
+        clauses.append("coalesce(first_ts, ts) < %s")
         params.append(flt.end)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def records_of(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records a row holds, in the exported form: one, or a whole match block."""
+    return unpack_block(row) if row.get("events") is not None else [record_from_row(row)]
+
+
+def _in_window(rec: dict[str, Any], flt: ExportFilter) -> bool:
+    ts = datetime.fromisoformat(rec["ts"])
+    return (flt.start is None or ts >= flt.start) and (flt.end is None or ts < flt.end)
+
+
+def _row_at(cur: psycopg.Cursor[Any], chain: str, seq: int) -> dict[str, Any] | None:
+    """The record ``seq`` of ``chain``, from its own row or from the block holding it."""
+    row = cur.execute(
+        f"SELECT {_RECORD_COLUMNS} FROM audit_log WHERE chain = %s AND seq >= %s ORDER BY seq LIMIT 1",  # noqa: S608
+        (chain, seq),
+    ).fetchone()
+    if row is None:
+        return None
+    return next((r for r in records_of(row) if r["seq"] == seq), None)
+
+
+def _exact_segment(cur: psycopg.Cursor[Any], chain: str, first: int, last: int,
+                   flt: ExportFilter) -> tuple[int, int] | None:
+    """Narrow a segment found by rows to the records inside the time window: a block at either end
+    may hold records outside it (``ts`` never decreases along a chain, so only the ends can)."""
+    for end in ("first", "last"):
+        row = cur.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM audit_log WHERE chain = %s AND seq >= %s ORDER BY seq LIMIT 1",  # noqa: S608
+            (chain, first if end == "first" else last),
+        ).fetchone()
+        if row is None or row.get("events") is None:
+            continue
+        inside = [r["seq"] for r in records_of(row) if first <= r["seq"] <= last and _in_window(r, flt)]
+        if not inside:  # an end block spans the window without a record in it: so does the chain
+            return None
+        if end == "first":
+            first = min(inside)
+        else:
+            last = max(inside)
+    return (first, last) if first <= last else None
 
 
 def export_objects(conn: psycopg.Connection[Any], public_key_pem: str, flt: ExportFilter) -> Iterator[dict[str, Any]]:
     """Every line of the export but the end line, as objects, from a snapshot on ``conn``."""
     where, params = _window_sql(flt)
-    segments = conn.execute(
-        f"SELECT chain, min(seq), max(seq) FROM audit_log{where} GROUP BY chain ORDER BY chain",  # noqa: S608
+    found = conn.execute(
+        f"SELECT chain, min({_FIRST_SEQ}), max(seq) FROM audit_log{where} GROUP BY chain ORDER BY chain",  # noqa: S608
         params,  # ``where`` holds fixed fragments only; values are parameters
     ).fetchall()
+    windowed = flt.start is not None or flt.end is not None
+    cur = conn.cursor(row_factory=dict_row)
+    segments = []
+    for chain, first, last in found:
+        exact = _exact_segment(cur, chain, first, last, flt) if windowed else (first, last)
+        if exact is not None:
+            segments.append((chain, *exact))
     yield {
         "type": "header",
         "format": EXPORT_FORMAT,
@@ -106,7 +158,6 @@ def export_objects(conn: psycopg.Connection[Any], public_key_pem: str, flt: Expo
         "key_id": key_fingerprint(public_key_pem.encode()),
         "chains": len(segments),
     }
-    cur = conn.cursor(row_factory=dict_row)
     for chain, first, last in segments:
         rows = cur.execute(
             """(SELECT * FROM audit_checkpoints WHERE chain = %s AND seq BETWEEN %s AND %s ORDER BY seq, id)
@@ -116,21 +167,22 @@ def export_objects(conn: psycopg.Connection[Any], public_key_pem: str, flt: Expo
         ).fetchall()
         for row in rows:
             yield {"type": "checkpoint", **row_to_checkpoint(row)}
-    windowed = flt.start is not None or flt.end is not None
     for chain, first, last in segments:
         if windowed:
             yield from _neighbour(cur, chain, first - 1, "before")
         with conn.cursor(name=f"audit_export_{uuid.uuid4().hex[:8]}", row_factory=dict_row) as scan:
-            scan.itersize = 2000
+            scan.itersize = 200  # a block row expands to up to BLOCK_MAX records
             scan.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM audit_log WHERE chain = %s AND seq BETWEEN %s AND %s "  # noqa: S608
-                "ORDER BY seq",
+                f"SELECT {_RECORD_COLUMNS} FROM audit_log WHERE chain = %s AND seq >= %s "  # noqa: S608
+                f"AND {_FIRST_SEQ} <= %s ORDER BY seq",
                 (chain, first, last),
             )
             for row in scan:
-                rec = record_from_row(row)
-                yield {"type": "record", **rec} if flt.matches(rec) else {"type": "stub", "reason": "filtered",
-                                                                          **stub_of(rec)}
+                for rec in records_of(row):
+                    if first <= rec["seq"] <= last:
+                        yield {"type": "record", **rec} if flt.matches(rec) else {"type": "stub",
+                                                                                  "reason": "filtered",
+                                                                                  **stub_of(rec)}
         if windowed:
             yield from _neighbour(cur, chain, last + 1, "after")
 
@@ -138,10 +190,9 @@ def export_objects(conn: psycopg.Connection[Any], public_key_pem: str, flt: Expo
 def _neighbour(cur: psycopg.Cursor[Any], chain: str, seq: int, reason: str) -> Iterator[dict[str, Any]]:
     if seq < 1:
         return
-    query = f"SELECT {_RECORD_COLUMNS} FROM audit_log WHERE chain = %s AND seq = %s"  # noqa: S608 — constant columns
-    row = cur.execute(query, (chain, seq)).fetchone()
-    if row is not None:
-        yield {"type": "stub", "reason": reason, **stub_of(record_from_row(row))}
+    rec = _row_at(cur, chain, seq)
+    if rec is not None:
+        yield {"type": "stub", "reason": reason, **stub_of(rec)}
 
 
 def end_message(sha256_hex: str, lines: int) -> bytes:

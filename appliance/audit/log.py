@@ -39,12 +39,15 @@ from psycopg import Connection, pq
 from appliance.audit import AuditEvent
 from appliance.audit.chain import (
     AUDIT_CLASS,
+    BLOCK_COLUMNS,
+    BLOCK_TYPES,
     COPY_COLUMNS,
     DEFAULT_MATCH_ACTIONS,
     MATCH_CLASS,
     ZERO_HASH,
     ChainHead,
     EventTuple,
+    Formatted,
     Head,
     action_class,
     build_record,
@@ -423,7 +426,7 @@ class AuditLog:
             lane = next(turn)
             if events:
                 formatted = format_copy_batch(events, self.lanes[lane], self.match_actions, _redacted)
-                queues[lane].put((formatted, []))
+                queues[lane].put((formatted, []))  # blocks are compressed on the copier thread (zlib drops the GIL)
             if markers:
                 barrier = _AfterAll(markers, len(queues))
                 for q in queues:
@@ -454,54 +457,60 @@ class AuditLog:
         while (item := batches.get()) is not _STOP:
             formatted, markers = item
             if formatted is not None:
-                self._write_with_retry(*formatted)
+                self._write_with_retry(formatted)
             for m in markers:
                 m.done.set()
 
-    def _write_with_retry(self, lines: list[str], heads: list[Head]) -> None:
+    def _write_with_retry(self, formatted: Formatted) -> None:
         """COPY one batch, retrying the same rows while PostgreSQL is unavailable (never re-hashed)."""
         delay, failures_while_stopping = 0.05, 0
+        blocks = formatted.blocks()
+        count = len(formatted)
         while True:
             try:
-                self._copy(lines, heads)
-                EVENTS.labels("queue").inc(len(lines))
+                self._copy(formatted.lines, blocks, list(formatted.heads.values()))
+                EVENTS.labels("queue").inc(count)
                 break
             except Exception as exc:  # PostgreSQL down or restarting: keep the batch, retry
                 WRITE_ERRORS.inc()
                 failures_while_stopping += self._stop.is_set()
                 if failures_while_stopping > 3:
-                    DROPPED.inc(len(lines))
-                    log.error("audit: batch lost at shutdown", events=len(lines), error=str(exc))
+                    DROPPED.inc(count)
+                    log.error("audit: batch lost at shutdown", events=count, error=str(exc))
                     break
-                log.warning("audit: batch write failed, retrying", events=len(lines), error=str(exc))
+                log.warning("audit: batch write failed, retrying", events=count, error=str(exc))
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _chain(self, batch: list[AuditEvent]) -> tuple[list[str], list[Head]] | None:
-        """Hash each event onto its chain and format its COPY line, yielding the GIL every few events;
-        None for an empty batch."""
+    def _chain(self, batch: list[AuditEvent]) -> Formatted | None:
+        """Hash each event onto its chain (COPY lines and block material), yielding the GIL every few
+        events; None for an empty batch."""
         if not batch:
             return None
-        lines: list[str] = []
-        heads: dict[str, Head] = {}
+        formatted = Formatted()
         for start in range(0, len(batch), YIELD_EVERY):
             time.sleep(0)  # hand the GIL to request threads now, not after the 5 ms switch interval
-            part, moved = format_copy_batch(map(event_tuple, batch[start:start + YIELD_EVERY]), self.chains,
-                                            self.match_actions, _redacted)
-            lines += part
-            heads.update((h[0].name, h) for h in moved)
-        return lines, list(heads.values())
+            format_copy_batch([event_tuple(e) for e in batch[start:start + YIELD_EVERY]], self.chains,
+                              self.match_actions, _redacted, into=formatted)
+        return formatted
 
-    def _copy(self, lines: list[str], heads: list[Head]) -> None:
+    def _copy(self, lines: list[str], blocks: list[tuple[Any, ...]], heads: list[Head]) -> None:
+        """One transaction: announce new chains, COPY the records and the match blocks, move the heads."""
         t0 = time.perf_counter()
-        data = "".join(lines).encode()
         with self.pool.connection() as conn, conn.transaction():
             for chain, *_ in heads:
                 if not chain.announced:
                     self._announce(conn, chain)
-            with conn.cursor().copy(f"COPY audit_log ({COPY_COLUMNS}) FROM STDIN") as copy:
-                for start in range(0, len(data), 1 << 20):
-                    copy.write(data[start:start + (1 << 20)])
+            if lines:
+                data = "".join(lines).encode()
+                with conn.cursor().copy(f"COPY audit_log ({COPY_COLUMNS}) FROM STDIN") as copy:
+                    for start in range(0, len(data), 1 << 20):
+                        copy.write(data[start:start + (1 << 20)])
+            if blocks:  # binary COPY: PostgreSQL neither parses nor re-compresses the packed records
+                with conn.cursor().copy(f"COPY audit_log ({BLOCK_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(BLOCK_TYPES)
+                    for row in blocks:
+                        copy.write_row(row)
             for chain, seq, digest, ts in heads:  # the last record of each chain in this batch is its new head
                 conn.execute(
                     "UPDATE audit_heads SET seq = %s, hash = %s, ts = %s, updated_at = now() WHERE chain = %s",

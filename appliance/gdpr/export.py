@@ -22,8 +22,9 @@ import numpy as np
 from psycopg.rows import dict_row
 
 from appliance.audit import AuditEvent
-from appliance.audit.chain import canonical_json, record_from_row, ts_text
+from appliance.audit.chain import canonical_json, ts_text
 from appliance.audit.checkpoints import provider_key_id
+from appliance.audit.export import records_of
 from appliance.audit.log import audit_log
 from appliance.gdpr import SubjectNotFound
 
@@ -147,8 +148,15 @@ def _open_media(state: Any, row: dict[str, Any], subject_dek: bytes | None) -> I
 
 
 def _audit_history(state: Any, subject_id: uuid.UUID) -> Iterator[bytes]:
+    """Every record naming the subject: its own rows, and its records inside match blocks."""
+    wanted = str(subject_id)
     with state.pool.connection() as conn:
         cur = conn.cursor(row_factory=dict_row)
-        for row in cur.execute("SELECT * FROM audit_log WHERE subject_id = %s ORDER BY ts, chain, seq",
-                               (subject_id,)):
-            yield canonical_json(record_from_row(row)) + b"\n"
+        for row in cur.execute(
+            """SELECT * FROM audit_log WHERE subject_id = %s OR subjects @> ARRAY[%s]::uuid[]
+               ORDER BY coalesce(first_ts, ts), chain, seq""",
+            (subject_id, subject_id),
+        ):
+            for rec in records_of(row):
+                if rec["subject_id"] == wanted:
+                    yield canonical_json(rec) + b"\n"

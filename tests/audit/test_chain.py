@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import uuid
+import zlib
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -12,6 +14,8 @@ import pytest
 
 from appliance.audit import AuditEvent
 from appliance.audit.chain import (
+    BLOCK_COLUMNS,
+    BLOCK_MAX,
     ChainHead,
     build_record,
     canonical_json,
@@ -21,6 +25,7 @@ from appliance.audit.chain import (
     header_of,
     sanitize_details,
     ts_text,
+    unpack_block,
 )
 
 
@@ -64,9 +69,10 @@ def test_copy_batch_line_carries_the_same_record_and_hash(event: AuditEvent) -> 
     head = ChainHead("w:h\tost:1:ab:audit", "audit")
     head.seq, head.hash = 41, b"\x07" * 32
     rec, details_json = build_record(event, head.name, 42, ts, "audit", details, b"\x07" * 32)
-    lines, heads = format_copy_batch([event_tuple(replace(event, ts=ts))], {"audit": head}, frozenset())
+    out = format_copy_batch([event_tuple(replace(event, ts=ts))], {"audit": head}, frozenset())
+    heads = list(out.heads.values())
     assert heads == [(head, 42, bytes.fromhex(rec["hash"]), ts)] and (head.seq, head.hash.hex()) == (42, rec["hash"])
-    decoded = _decode_copy_line(lines[0])
+    decoded = _decode_copy_line(out.lines[0])
     assert decoded[:11] == [rec["ts"], rec["chain"], "42", "audit", rec["actor"], rec["action"], rec["subject_id"],
                             rec["object_id"], rec["outcome"], rec["request_id"], details_json]
     assert decoded[11:] == ["\\\\x" + "07" * 32, "\\\\x" + rec["hash"]]
@@ -87,22 +93,64 @@ def test_copy_batch_chains_each_class_and_keeps_time_monotonic() -> None:
         AuditEvent("match", "apikey:x", ts=(now + timedelta(seconds=1)).replace(tzinfo=None), details={"b": True}),
     ]
     redacted: list[list[str]] = []
-    lines, moved = format_copy_batch(map(event_tuple, events), heads, frozenset({"match"}),
-                                     lambda action, keys: redacted.append(keys))
-    assert redacted == [["token"]] and "apl_0123" not in "".join(lines)
+    out = format_copy_batch(map(event_tuple, events), heads, frozenset({"match"}),
+                            lambda action, keys: redacted.append(keys))
+    blocks = out.blocks()
+    assert redacted == [["token"]] and "apl_0123" not in "".join(out.lines)
+    assert len(out.lines) == 1 and len(blocks) == 1 and b"apl_0123" not in zlib.decompress(blocks[0][12])
+    records = []
+    for line in out.lines:
+        f = _decode_copy_line(line)
+        records.append({"ts": f[0], "chain": f[1], "seq": int(f[2]), "class": f[3], "actor": f[4], "action": f[5],
+                        "subject_id": f[6], "object_id": f[7], "outcome": f[8], "request_id": f[9],
+                        "details": json.loads(f[10]), "prev_hash": f[11][3:], "hash": f[12][3:]})
+    records += unpack_block(dict(zip(BLOCK_COLUMNS.split(", "), blocks[0], strict=True)))
     prev = {"audit": "00" * 32, "match": "00" * 32}
     last_ts = {"audit": "", "match": ""}
-    for n, line in enumerate(lines):
-        f = _decode_copy_line(line)
-        rec = {"ts": f[0], "chain": f[1], "seq": int(f[2]), "class": f[3], "actor": f[4], "action": f[5],
-               "subject_id": f[6], "object_id": f[7], "outcome": f[8], "request_id": f[9],
-               "details": json.loads(f[10]), "prev_hash": f[11][3:], "hash": f[12][3:]}
+    for n, rec in enumerate(records):
         assert rec["prev_hash"] == prev[rec["class"]], n
         assert header_hash(header_of(rec)).hex() == rec["hash"], n
         assert rec["ts"] >= last_ts[rec["class"]] and rec["ts"].endswith("+00:00"), n
         prev[rec["class"]], last_ts[rec["class"]] = rec["hash"], rec["ts"]
-    assert [(h[0].cls, h[1], h[2].hex()) for h in moved] == [("match", 3, prev["match"]), ("audit", 1, prev["audit"])]
+    moved = list(out.heads.values())
+    assert sorted((h[0].cls, h[1], h[2].hex()) for h in moved) == [("audit", 1, prev["audit"]),
+                                                                    ("match", 3, prev["match"])]
     assert last_ts["match"] == ts_text(events[3].ts.replace(tzinfo=UTC))
+
+
+def test_match_blocks_split_at_block_size_and_month_ends() -> None:
+    """A block row never holds more than BLOCK_MAX records nor two calendar months (retention drops
+    months); its columns describe its records (seq and hash of the last, prev of the first)."""
+    head = ChainHead("w:h:1:ab:match", "match")
+    head.seq, head.hash = 7, b"\x05" * 32
+    month_end = datetime(2026, 12, 1, tzinfo=UTC)
+    times = [month_end - timedelta(seconds=5)] * 3 + [month_end + timedelta(microseconds=i) for i in range(2500)]
+    events = [AuditEvent("match", "apikey:x", outcome="unknown", ts=t, details={"i": i}) for i, t in enumerate(times)]
+    out = format_copy_batch(map(event_tuple, events), {"match": head, "audit": ChainHead("a", "audit")},
+                            frozenset({"match"}))
+    rows = [dict(zip(BLOCK_COLUMNS.split(", "), b, strict=True)) for b in out.blocks()]
+    assert [r["events"] for r in rows] == [3, BLOCK_MAX, BLOCK_MAX, 500]
+    assert rows[0]["ts"] < month_end <= rows[1]["first_ts"]
+    records = [rec for r in rows for rec in unpack_block(r)]
+    assert [r["seq"] for r in records] == list(range(8, 8 + 2503))
+    assert [r["details"]["i"] for r in records] == list(range(2503))
+    assert records[0]["prev_hash"] == "05" * 32
+    for prev, rec in itertools.pairwise(records):
+        assert rec["prev_hash"] == prev["hash"]
+    for r in rows:
+        recs = unpack_block(r)
+        assert (r["seq"], r["hash"].hex(), r["prev_hash"].hex()) == (recs[-1]["seq"], recs[-1]["hash"],
+                                                                      recs[0]["prev_hash"])
+        assert all(header_hash(header_of(rec)).hex() == rec["hash"] for rec in recs)
+    assert (head.seq, head.hash.hex()) == (2510, records[-1]["hash"])
+
+
+def test_a_damaged_block_is_reported_not_half_read() -> None:
+    head = ChainHead("w:h:1:ab:match", "match")
+    out = format_copy_batch([event_tuple(AuditEvent("match", "apikey:x"))] * 3, {"match": head}, frozenset({"match"}))
+    row = dict(zip(BLOCK_COLUMNS.split(", "), out.blocks()[0], strict=True))
+    with pytest.raises(ValueError, match="damaged"):
+        unpack_block({**row, "hashes": row["hashes"][:-32]})
 
 
 def test_timestamps_are_utc_microseconds_whatever_the_zone() -> None:

@@ -80,40 +80,71 @@ def test_csv_export_verifies_too(window, settings, keys) -> None:
     assert verify_export(data, keys.public_key_pem()).ok
 
 
-def test_one_changed_byte_is_pinpointed(exported, keys) -> None:
+@pytest.mark.parametrize("chain", [":audit", ":match"])  # a row per record; records from match blocks
+def test_one_changed_byte_is_pinpointed(exported, keys, chain) -> None:
     lines = _lines(exported)
-    i = _record_indexes(lines)[3]
+    i = _record_indexes(lines, chain)[3]
     lines[i] = lines[i].replace(b'"actor":"apikey:t"', b'"actor":"apikey:u"')
     report = verify_export(_join(lines), keys.public_key_pem())
     assert _kinds(report) == [("changed", i + 1)]
 
 
-def test_a_deleted_record_is_pinpointed(exported, keys) -> None:
+@pytest.mark.parametrize("chain", [":audit", ":match"])  # a row per record; records from match blocks
+def test_a_deleted_record_is_pinpointed(exported, keys, chain) -> None:
     lines = _lines(exported)
-    i = _record_indexes(lines)[4]
+    i = _record_indexes(lines, chain)[4]
     del lines[i]
     report = verify_export(_join(lines), keys.public_key_pem())
     assert _kinds(report) == [("removed", i + 1)]
     assert "removed" in str(report.problems[0])
 
 
-def test_two_swapped_records_are_pinpointed(exported, keys) -> None:
+@pytest.mark.parametrize("chain", [":audit", ":match"])  # a row per record; records from match blocks
+def test_two_swapped_records_are_pinpointed(exported, keys, chain) -> None:
     lines = _lines(exported)
-    a, b = _record_indexes(lines)[2:4]
+    a, b = _record_indexes(lines, chain)[2:4]
     lines[a], lines[b] = lines[b], lines[a]
     report = verify_export(_join(lines), keys.public_key_pem())
     assert _kinds(report) == [("reordered", b + 1)]
 
 
-def test_an_inserted_record_is_pinpointed_even_with_a_recomputed_hash(exported, keys) -> None:
+@pytest.mark.parametrize("chain", [":audit", ":match"])  # a row per record; records from match blocks
+def test_an_inserted_record_is_pinpointed_even_with_a_recomputed_hash(exported, keys, chain) -> None:
     lines = _lines(exported)
-    i = _record_indexes(lines)[5]
+    i = _record_indexes(lines, chain)[5]
     forged = json.loads(lines[i])
     forged["details"] = {"i": 999}
     forged["hash"] = header_hash(header_of(forged)).hex()
     lines.insert(i + 1, canonical_json(forged))
     report = verify_export(_join(lines), keys.public_key_pem())
     assert _kinds(report) == [("inserted", i + 2)]
+
+
+def test_a_window_that_cuts_match_blocks_exports_exactly_its_records(service_pool, keys, settings) -> None:
+    """Blocks hold up to 1000 match records: a time window ending inside one (and starting inside
+    another) exports exactly the records of the window, with the neighbours' stubs, and verifies."""
+    from appliance.audit.log import AuditLog
+
+    log = AuditLog(service_pool, keys=lambda: keys, flush_interval=0.05, checkpoint_interval=0, batch_max=250)
+    base = datetime.now(UTC) - timedelta(minutes=5)
+    for i in range(600):
+        log.submit(AuditEvent("match", "apikey:blocks", outcome="unknown", ts=base + timedelta(milliseconds=i),
+                              details={"i": i}))
+    assert log.flush(10)
+    log.stop(checkpoint=False)
+    log.checkpoint("manual")
+    chain = log.chains["match"].name
+    data = _export(settings, keys, start=base + timedelta(milliseconds=120), end=base + timedelta(milliseconds=410))
+    report = verify_export(data, keys.public_key_pem())
+    assert report.ok, [str(p) for p in report.problems]
+    ours = [json.loads(x) for x in _lines(data) if chain.encode() in x and b'"type":"checkpoint"' not in x]
+    records = [r for r in ours if r["type"] == "record"]
+    assert [r["details"]["i"] for r in records] == list(range(120, 410))
+    assert [(r["reason"], r["seq"]) for r in ours if r["type"] == "stub"] == [("before", records[0]["seq"] - 1),
+                                                                               ("after", records[-1]["seq"] + 1)]
+    empty = _export(settings, keys, start=base + timedelta(milliseconds=120, microseconds=1),
+                    end=base + timedelta(milliseconds=120, microseconds=500))
+    assert chain.encode() not in empty and verify_export(empty, keys.public_key_pem()).ok
 
 
 def test_a_cut_tail_is_pinpointed(exported, keys) -> None:

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import threading
 import uuid
+import zlib
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
 from appliance.audit import AuditEvent
-from appliance.audit.chain import ZERO_HASH, canonical_json, header_hash, header_of, record_from_row
+from appliance.audit.chain import ZERO_HASH, canonical_json, header_hash, header_of
+from appliance.audit.export import records_of
 
 
 def _chain_rows(conn, chain):  # type: ignore[no-untyped-def]
+    """The chain's records in the exported form, match blocks expanded."""
     cur = conn.cursor(row_factory=dict_row)
-    return cur.execute("SELECT * FROM audit_log WHERE chain = %s ORDER BY seq", (chain,)).fetchall()
+    rows = cur.execute("SELECT * FROM audit_log WHERE chain = %s ORDER BY seq", (chain,)).fetchall()
+    return [rec for row in rows for rec in records_of(row)]
 
 
-def _assert_chained(rows) -> None:  # type: ignore[no-untyped-def]
+def _assert_chained(records) -> None:  # type: ignore[no-untyped-def]
     prev = None
-    for row in rows:
-        rec = record_from_row(row)
+    for rec in records:
         assert header_hash(header_of(rec)).hex() == rec["hash"]
         if prev is None:
             assert (rec["seq"] == 1 and rec["prev_hash"] == ZERO_HASH.hex()) or rec["seq"] > 1
@@ -167,7 +170,8 @@ def test_sensitive_details_never_reach_the_log(audit, service_pool) -> None:
 
 
 def test_stored_details_are_the_exact_text_that_was_hashed(audit, service_pool) -> None:
-    """Details are `json`, not `jsonb`: the row keeps the canonical bytes, so nothing re-prints them."""
+    """Details are `json`, not `jsonb`, in a row, and the canonical body text in a match block: the
+    database keeps the bytes that were hashed, so nothing re-prints them."""
     marker = uuid.uuid4().hex
     details = {"similarity": 0.9512, "k": 5, "camera_id": "cam-\u00e9", "zeta": None, "alpha": [1, 2.5]}
     audit.submit(AuditEvent("match", "apikey:test", outcome="match", object_id=marker, details=details))
@@ -177,9 +181,40 @@ def test_stored_details_are_the_exact_text_that_was_hashed(audit, service_pool) 
     with service_pool.connection() as conn:
         rows = conn.execute("SELECT details::text, pg_typeof(details)::text FROM audit_log WHERE object_id = %s",
                             (marker,)).fetchall()
-    assert len(rows) == 2
-    for text, kind in rows:
-        assert kind == "json" and text.encode() == canonical_json(details)
+        packed = conn.execute("SELECT packed FROM audit_log WHERE chain = %s AND events IS NOT NULL",
+                              (audit.chains["match"].name,)).fetchall()
+    assert len(rows) == 1
+    text, kind = rows[0]
+    assert kind == "json" and text.encode() == canonical_json(details)
+    stored = b"".join(zlib.decompress(p) for (p,) in packed)
+    assert b'"details":' + canonical_json(details) + b',"object_id":"' + marker.encode() in stored
+
+
+def test_match_events_are_stored_as_blocks_an_access_request_can_find(audit, service_pool) -> None:
+    """Hundreds of match events become a few block rows (not a row each); each block lists its subjects
+    (GIN-indexed) and holds exactly its records' hashes; its row carries the last record's seq and hash."""
+    subjects = [uuid.uuid4() for _ in range(3)]
+    for i in range(900):
+        audit.submit(AuditEvent("match", "apikey:test", outcome="match", subject_id=subjects[i % 3], details={"i": i}))
+    audit.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": 900}))
+    assert audit.flush(10)
+    chain = audit.chains["match"].name
+    with service_pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        blocks = cur.execute("SELECT * FROM audit_log WHERE chain = %s ORDER BY seq", (chain,)).fetchall()
+        found = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE chain = %s AND subjects @> ARRAY[%s]::uuid[]", (chain, subjects[1])
+        ).fetchone()[0]
+    assert 1 <= len(blocks) <= 20 and all(b["events"] for b in blocks)
+    assert sum(b["events"] for b in blocks) == 901 and found >= 1
+    records = [rec for b in blocks for rec in records_of(b)]
+    assert [r["details"]["i"] for r in records] == list(range(901))
+    for b in blocks:
+        recs = records_of(b)
+        assert b["hash"].hex() == recs[-1]["hash"] and b["prev_hash"].hex() == recs[0]["prev_hash"]
+        assert b["seq"] == recs[-1]["seq"] and b["ts"].isoformat(timespec="microseconds") == recs[-1]["ts"]
+        assert set(b["subjects"] or []) == {uuid.UUID(r["subject_id"]) for r in recs if r["subject_id"]}
+    _assert_chained(records)
 
 
 def test_service_role_cannot_update_delete_or_truncate_the_audit_trail(audit, settings, service_pool) -> None:

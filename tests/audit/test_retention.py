@@ -6,9 +6,10 @@ import json
 from datetime import UTC, date, datetime, timedelta
 
 import psycopg
+from psycopg.rows import dict_row
 
 from appliance.audit import AuditEvent
-from appliance.audit.export import ExportFilter, export_lines
+from appliance.audit.export import ExportFilter, export_lines, records_of
 from appliance.audit.retention import RetentionPolicy, due_partitions, sweep
 from appliance.audit.verify import verify_export
 
@@ -52,9 +53,9 @@ def test_retention_drops_old_partitions_and_the_export_still_verifies(service_po
     assert result.anchors >= 2
     with psycopg.connect(admin_dsn) as conn:
         for cls, chain in log.chains.items():
-            seqs = [r[0] for r in conn.execute("SELECT seq FROM audit_log WHERE chain = %s ORDER BY seq",
-                                               (chain.name,))]
-            assert seqs == [6, 7, 8], cls
+            rows = conn.cursor(row_factory=dict_row).execute(
+                "SELECT * FROM audit_log WHERE chain = %s ORDER BY seq", (chain.name,)).fetchall()
+            assert [rec["seq"] for row in rows for rec in records_of(row)] == [6, 7, 8], cls
             kind = conn.execute("SELECT kind FROM audit_checkpoints WHERE chain = %s AND seq = 5",
                                 (chain.name,)).fetchone()
             assert kind == ("retention",)

@@ -12,8 +12,15 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 
 def test_access_export_is_a_signed_zip_of_decrypted_data_and_history(gdpr_client, admin_headers, staff_headers,
-                                                                     make_subject, public_key_pem) -> None:
+                                                                     make_subject, public_key_pem, state) -> None:
+    from appliance.audit.log import audit_log
+
     subject = make_subject(person=5, n=2)
+    probe = {"model": "dlib-resnet-v1", "embedding": subject["vectors"][0].tolist(), "k": 3}
+    for _ in range(3):  # match events go to the writer's match blocks: the history must find them there
+        r = gdpr_client.post("/v1/match", json=probe, headers=staff_headers)
+        assert r.status_code == 200 and r.json()["subject_id"] == subject["id"], r.text
+    assert audit_log(state).flush(10)
     r = gdpr_client.get(f"/v1/subjects/{subject['id']}/export", headers=admin_headers)
     assert r.status_code == 200, r.text
     zf = zipfile.ZipFile(io.BytesIO(r.content))
@@ -44,7 +51,8 @@ def test_access_export_is_a_signed_zip_of_decrypted_data_and_history(gdpr_client
 
     history = [json.loads(line) for line in zf.read("audit.jsonl").splitlines()]
     actions = {h["action"] for h in history}
-    assert {"subject.create", "subject.export"} <= actions
+    assert {"subject.create", "subject.export", "match"} <= actions
+    assert sum(h["action"] == "match" for h in history) == 3
     assert all(h["subject_id"] == subject["id"] for h in history)
 
 
