@@ -8,7 +8,7 @@
 -- export format do not know about them.
 --
 -- A block row: seq/ts/hash are its last record's, prev_hash its first record's prev, first_ts its
--- first record's time; events = how many records; packed = zlib(JSON array of [ts, action, outcome,
+-- first record's time; events = how many records; packed = zstd(JSON array of [ts, action, outcome,
 -- body]); hashes = their 32-byte hashes concatenated; subjects = the distinct subject ids (GIN, for
 -- access requests). Plain rows leave all five NULL. Append-only triggers and grants are unchanged.
 

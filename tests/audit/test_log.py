@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import threading
 import uuid
-import zlib
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
 from appliance.audit import AuditEvent
-from appliance.audit.chain import ZERO_HASH, canonical_json, header_hash, header_of
+from appliance.audit.chain import ZERO_HASH, canonical_json, header_hash, header_of, unpack_bytes
 from appliance.audit.export import records_of
 
 
@@ -186,7 +185,7 @@ def test_stored_details_are_the_exact_text_that_was_hashed(audit, service_pool) 
     assert len(rows) == 1
     text, kind = rows[0]
     assert kind == "json" and text.encode() == canonical_json(details)
-    stored = b"".join(zlib.decompress(p) for (p,) in packed)
+    stored = b"".join(unpack_bytes(p) for (p,) in packed)
     assert b'"details":' + canonical_json(details) + b',"object_id":"' + marker.encode() in stored
 
 
@@ -288,3 +287,4 @@ def test_writer_process_exits_when_its_api_process_dies(settings) -> None:
         time.sleep(0.1)
     os.kill(child, 9)
     raise AssertionError("the writer process outlived its parent")
+
