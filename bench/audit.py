@@ -185,6 +185,13 @@ def writer_paced(pool: Any, rate: int, seconds: float, warmup: float = 2.0) -> d
             "dropped": int(DROPPED._value.get() - dropped0)}
 
 
+class _NullLog:
+    """The Pacer's target for the null_pacer peer: accepts events and forgets them."""
+
+    def submit(self, event: Any) -> None:
+        return None
+
+
 def _client(port: int, token: str, seconds: float, probe: list[float], rate: float) -> None:
     """Latency client (run as a subprocess): sequential keep-alive POST /v1/match, back to back
     (``rate`` 0) or one every 1/``rate`` s like a camera pipeline; prints ms per call."""
@@ -284,7 +291,7 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
                 proc.terminate()
                 offered.append(float((proc.communicate(timeout=60)[0].strip().splitlines() or ["0"])[-1]))
             else:
-                with Pacer(log, rate) as pacer:
+                with Pacer(_NullLog() if load == "null_pacer" else log, rate) as pacer:
                     loaded += run_client(client)
                 offered.append(pacer.submitted / pacer.seconds)
             ratios.append(pct(loaded[n_loaded:], 99) / pct(b_round, 99))
@@ -300,6 +307,7 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
     out: dict[str, Any] = {"note": "every match also submits its own audit event in all phases; "
                                    "in_process = the load shares the API process (its GIL), "
                                    "other_process = the same load written by another process (CPU only), "
+                                   "null_pacer = the in-process load generator submitting to nothing, "
                                    "cpu_burn = the peer: one core of pure CPU at idle priority, no audit load"}
     for rate in rates:
         out[f"in_process_{rate}"] = compare(rate, "in_process")
@@ -312,6 +320,10 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
         print(rates[0], "in_process, paced client", out[f"in_process_{rates[0]}_paced_client"], flush=True)
     out[f"other_process_{rates[0]}"] = compare(rates[0], "other_process")
     print(rates[0], "other_process", out[f"other_process_{rates[0]}"], flush=True)
+    # the in-process load generator alone (its submits go nowhere): what the apparatus costs the p99,
+    # so in_process minus this is the audit pipeline's own share
+    out[f"null_pacer_peer_{rates[0]}"] = compare(rates[0], "null_pacer")
+    print(rates[0], "null pacer peer", out[f"null_pacer_peer_{rates[0]}"], flush=True)
     # what any background work of that size costs the match p99 on this machine, audit or not
     out["cpu_burn_peer"] = compare(0, "cpu_burn")
     print("cpu burn peer", out["cpu_burn_peer"], flush=True)
