@@ -101,12 +101,17 @@ def _in_window(rec: dict[str, Any], flt: ExportFilter) -> bool:
     return (flt.start is None or ts >= flt.start) and (flt.end is None or ts < flt.end)
 
 
-def _row_at(cur: psycopg.Cursor[Any], chain: str, seq: int) -> dict[str, Any] | None:
-    """The record ``seq`` of ``chain``, from its own row or from the block holding it."""
-    row = cur.execute(
+def _row_holding(cur: psycopg.Cursor[Any], chain: str, seq: int) -> dict[str, Any] | None:
+    """The row of ``chain`` that holds record ``seq``: its own, or the block's (whose seq is its last)."""
+    return cur.execute(  # type: ignore[no-any-return]
         f"SELECT {_RECORD_COLUMNS} FROM audit_log WHERE chain = %s AND seq >= %s ORDER BY seq LIMIT 1",  # noqa: S608
         (chain, seq),
     ).fetchone()
+
+
+def _row_at(cur: psycopg.Cursor[Any], chain: str, seq: int) -> dict[str, Any] | None:
+    """The record ``seq`` of ``chain``, from its own row or from the block holding it."""
+    row = _row_holding(cur, chain, seq)
     if row is None:
         return None
     return next((r for r in records_of(row) if r["seq"] == seq), None)
@@ -117,10 +122,7 @@ def _exact_segment(cur: psycopg.Cursor[Any], chain: str, first: int, last: int,
     """Narrow a segment found by rows to the records inside the time window: a block at either end
     may hold records outside it (``ts`` never decreases along a chain, so only the ends can)."""
     for end in ("first", "last"):
-        row = cur.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM audit_log WHERE chain = %s AND seq >= %s ORDER BY seq LIMIT 1",  # noqa: S608
-            (chain, first if end == "first" else last),
-        ).fetchone()
+        row = _row_holding(cur, chain, first if end == "first" else last)
         if row is None or row.get("events") is None:
             continue
         inside = [r["seq"] for r in records_of(row) if first <= r["seq"] <= last and _in_window(r, flt)]
