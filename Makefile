@@ -8,7 +8,7 @@ export APPLIANCE_VAR_DIR ?= var
 
 .PHONY: install up down status test lint deploy-tools deploy-lint deploy-check deploy-test openapi clean bench bench-1m bench-tools
 
-$(STAMP): pyproject.toml setup.py appliance/audit/_fastchain.c
+$(STAMP): pyproject.toml setup.py appliance/audit/_fastchain.c appliance/audit/_ring.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -28,7 +28,7 @@ status: $(STAMP)
 	$(BIN)/appliance stack status
 
 ## Everything CI runs: ruff, the deployment's static checks, then the whole suite against real servers
-## (and the compiled audit loop, which must have built: setup.py makes it optional for installs only).
+## (and the compiled audit modules, which must have built: setup.py makes them optional for installs only).
 test: $(STAMP) deploy-tools
 	$(BIN)/ruff check .
 	$(MAKE) --no-print-directory deploy-lint

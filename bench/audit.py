@@ -34,6 +34,8 @@ LANES = int(os.environ.get("BENCH_AUDIT_LANES", "0")) or None  # None: the servi
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces_dlib128.npz"
 
 
+# the match comparisons (--loads)
+LOADS = ("in_process", "paced_client", "other_process", "other_process_paced", "null_pacer", "cpu_burn")
 ENROLLED = [uuid.UUID(int=(0x5EED << 64) + i) for i in range(1000)]  # the people a camera keeps seeing
 
 
@@ -217,7 +219,7 @@ def _client(port: int, token: str, seconds: float, probe: list[float], rate: flo
 
 
 def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates: list[int],
-                  client_rate: float) -> dict[str, Any]:
+                  client_rate: float, loads: frozenset[str] = frozenset(LOADS)) -> dict[str, Any]:
     import numpy as np
     import uvicorn
 
@@ -309,24 +311,32 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
                                    "other_process = the same load written by another process (CPU only), "
                                    "null_pacer = the in-process load generator submitting to nothing, "
                                    "cpu_burn = the peer: one core of pure CPU at idle priority, no audit load"}
-    for rate in rates:
-        out[f"in_process_{rate}"] = compare(rate, "in_process")
-        print(rate, "in_process", out[f"in_process_{rate}"], flush=True)
-    if client_rate:
+    if "in_process" in loads:
+        for rate in rates:
+            out[f"in_process_{rate}"] = compare(rate, "in_process")
+            print(rate, "in_process", out[f"in_process_{rate}"], flush=True)
+    if client_rate and "paced_client" in loads:
         # a camera pipeline's pace rather than a saturating loop: the 2 cores are not also busy with the
         # client and a back-to-back server, so the difference is the audit load's own cost
         out[f"in_process_{rates[0]}_paced_client"] = compare(rates[0], "in_process", client=client_rate)
         out[f"in_process_{rates[0]}_paced_client"]["client_requests_per_s"] = client_rate
         print(rates[0], "in_process, paced client", out[f"in_process_{rates[0]}_paced_client"], flush=True)
-    out[f"other_process_{rates[0]}"] = compare(rates[0], "other_process")
-    print(rates[0], "other_process", out[f"other_process_{rates[0]}"], flush=True)
-    # the in-process load generator alone (its submits go nowhere): what the apparatus costs the p99,
-    # so in_process minus this is the audit pipeline's own share
-    out[f"null_pacer_peer_{rates[0]}"] = compare(rates[0], "null_pacer")
-    print(rates[0], "null pacer peer", out[f"null_pacer_peer_{rates[0]}"], flush=True)
-    # what any background work of that size costs the match p99 on this machine, audit or not
-    out["cpu_burn_peer"] = compare(0, "cpu_burn")
-    print("cpu burn peer", out["cpu_burn_peer"], flush=True)
+    if "other_process" in loads:
+        out[f"other_process_{rates[0]}"] = compare(rates[0], "other_process")
+        print(rates[0], "other_process", out[f"other_process_{rates[0]}"], flush=True)
+    if client_rate and "other_process_paced" in loads:
+        out[f"other_process_{rates[0]}_paced_client"] = compare(rates[0], "other_process", client=client_rate)
+        out[f"other_process_{rates[0]}_paced_client"]["client_requests_per_s"] = client_rate
+        print(rates[0], "other_process, paced client", out[f"other_process_{rates[0]}_paced_client"], flush=True)
+    if "null_pacer" in loads:
+        # the in-process load generator alone (its submits go nowhere): what the apparatus costs the p99,
+        # so in_process minus this is the audit pipeline's own share
+        out[f"null_pacer_peer_{rates[0]}"] = compare(rates[0], "null_pacer")
+        print(rates[0], "null pacer peer", out[f"null_pacer_peer_{rates[0]}"], flush=True)
+    if "cpu_burn" in loads:
+        # what any background work of that size costs the match p99 on this machine, audit or not
+        out["cpu_burn_peer"] = compare(0, "cpu_burn")
+        print("cpu burn peer", out["cpu_burn_peer"], flush=True)
     server.should_exit = True
     thread.join(60)
     return out
@@ -375,6 +385,8 @@ def main() -> None:
     ap.add_argument("--client-rate", type=float, default=200.0,
                     help="also measure with the match client paced at this many requests/s (0: skip)")
     ap.add_argument("--skip-writer", action="store_true")
+    ap.add_argument("--loads", default=",".join(LOADS),
+                    help=f"which match comparisons to run, comma-separated (default all: {','.join(LOADS)})")
     args = ap.parse_args()
     from appliance.db.pool import open_pool
 
@@ -399,7 +411,11 @@ def main() -> None:
         pool.close()
         if not args.skip_match:
             rates = [args.rate, args.rate // 10]
-            result["match"] = match_latency(settings, stack, args.phase_seconds, args.rounds, rates, args.client_rate)
+            loads = frozenset(args.loads.split(","))
+            if unknown := loads - set(LOADS):
+                ap.error(f"unknown --loads {sorted(unknown)}; choose from {', '.join(LOADS)}")
+            result["match"] = match_latency(settings, stack, args.phase_seconds, args.rounds, rates, args.client_rate,
+                                            loads)
             print("match", result["match"], flush=True)
     finally:
         result["load_avg_at_end"] = os.getloadavg()

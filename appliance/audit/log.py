@@ -3,10 +3,13 @@
 Two kinds of chain (each a gap-free ``seq`` with ``prev`` hashes; see ``appliance.audit.chain``):
 
 - **Writer chains** ``w:<host>:<pid>:<nonce>:<class>`` — one per ``AuditLog`` instance and class, owned
-  by its single writer thread. ``submit`` only enqueues, so the match path never waits on disk or on
-  another process. The head lives in memory and in ``audit_heads``, updated in the same transaction
-  as the COPY of each batch. A crash loses what was still queued (at most one batch window plus the
-  queue), never a record that was committed; the next process starts a new chain.
+  by its single writer (a child process fed through a shared-memory ring, ``appliance.audit.ring``, or
+  a thread). ``submit`` only enqueues, so the match path never waits on disk or on another process.
+  The head lives in memory and in ``audit_heads``, updated in the same transaction as the COPY of each
+  batch. A power loss loses what was still queued (normally under one batch window), never a record
+  that was committed. The ring keeps a record until its COPY commits, so a crash of the API process
+  (the child drains the ring, then exits) or of the child (its successor resumes) loses nothing; a
+  crash of the thread writer's process loses its queue. The next process starts a new chain.
 - **Transaction chains** ``tx:<class>:<n>`` — shared by every process. ``record`` locks one head row
   ``FOR UPDATE`` (``SKIP LOCKED`` picks a free chain, so up to n transactions append concurrently),
   inserts the record and moves the head inside the caller's transaction. Invariant: a record with
@@ -55,6 +58,8 @@ from appliance.audit.chain import (
     format_copy_batch,
     sanitize_details,
 )
+from appliance.audit.ring import Ring, from_tuple
+from appliance.audit.ring import available as ring_available
 from appliance.logs import get_logger
 
 if TYPE_CHECKING:
@@ -79,10 +84,6 @@ _STOP = object()  # ends the copier thread
 # The writer threads share the GIL with the match path: they yield it this often (≈ 0.5 ms of work)
 # so a waiting request thread runs at once instead of after CPython's 5 ms switch interval.
 YIELD_EVERY = 16
-# Events per message to the writer process: converting and pickling them holds the GIL (~1.2 us each),
-# so 32 keep each hold near 0.05 ms (128 raised the match p99 under 20k events/s more; 16, and a 0.5 ms
-# pause between messages, did not lower it beyond the run-to-run spread, and cost more per event).
-FEED_CHUNK = 32
 
 
 def _row(rec: dict[str, Any], ts: datetime, details_json: str) -> tuple[Any, ...]:
@@ -200,10 +201,13 @@ class AuditLog:
         self.match_actions = frozenset(match_actions)
         self.checkpoint_interval = checkpoint_interval
         self.chain_base = chain_base or f"w:{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.writer_process = writer_process
+        if writer_process and not ring_available():
+            log.warning("audit: appliance.audit._ring is not built; batches are written by a thread instead")
+        self.writer_process = writer_process and ring_available()
         self.writer_nice = writer_nice
         self.writer_lanes = max(1, writer_lanes)
         self.child: WriterProcess | None = None
+        self._ring: Ring | None = None  # process mode: set once the writer process is started
         self._markers: dict[int, _Flush] = {}
         self._marker_ids = itertools.count(1)
         # The writer process's COPY lanes: lane 0 writes ``<base>:<class>``, lane k its own ``<base>:l<k>:<class>``
@@ -234,26 +238,61 @@ class AuditLog:
 
     def submit(self, event: AuditEvent) -> None:
         """Enqueue without touching the database; when the queue is full, wait briefly (counted)."""
-        if self._stop.is_set():  # after shutdown began (a late hook): write it directly, slowly but surely
-            with self.pool.connection() as conn:
-                record_event(conn, event, self.tx_chains, self.match_actions)
-                conn.commit()
+        ring = self._ring
+        try:
+            if ring is not None and ring.put(event):  # the match path: one C call, no lock, no syscall
+                return
+        except ValueError:  # a record that can never fit the ring (or a ring closed by stop()): write it directly
+            self._write_direct(event)
             return
-        if self._writer is None:
+        self._submit_slow(event, ring)
+
+    def _submit_slow(self, event: AuditEvent, ring: Ring | None) -> None:
+        if self._stop.is_set():  # after shutdown began (a late hook): write it directly, slowly but surely
+            self._write_direct(event)
+            return
+        if ring is None and self._writer is None:
             self.start_writer()
-        if len(self._queue) >= self.queue_size:
-            BACKPRESSURE.inc()  # a negative block_seconds waits for room forever (audit over availability)
-            deadline = time.monotonic() + self.block_seconds if self.block_seconds >= 0 else float("inf")
-            while len(self._queue) >= self.queue_size:
-                if time.monotonic() >= deadline:
-                    DROPPED.inc()
-                    log.error("audit: queue full, event dropped", action=event.action, queue=self.queue_size)
+            if self._ring is not None:
+                self.submit(event)
+                return
+        if ring is None and len(self._queue) < self.queue_size:
+            self._queue.append(event)
+            return
+        BACKPRESSURE.inc()  # full: wait for room; a negative block_seconds waits forever (audit over availability)
+        deadline = time.monotonic() + self.block_seconds if self.block_seconds >= 0 else float("inf")
+        while True:
+            if ring is not None:
+                if ring.put(event):
                     return
-                time.sleep(0.001)
-        self._queue.append(event)
+            elif len(self._queue) < self.queue_size:
+                self._queue.append(event)
+                return
+            if time.monotonic() >= deadline:
+                DROPPED.inc()
+                log.error("audit: queue full, event dropped", action=event.action, queue=self.queue_size)
+                return
+            time.sleep(0.001)
+
+    def _write_direct(self, event: AuditEvent) -> None:
+        """Slow but sure (a transaction chain): for late events at shutdown and records no ring can hold."""
+        with self.pool.connection() as conn:
+            record_event(conn, event, self.tx_chains, self.match_actions)
+            conn.commit()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted before this call is committed; False on timeout."""
+        ring, child = self._ring, self.child
+        if ring is not None and child is not None:
+            marker, marker_id = _Flush(), next(self._marker_ids)
+            self._markers[marker_id] = marker
+            deadline = time.monotonic() + timeout
+            while not ring.put_marker(marker_id):  # the ring is full: the marker waits for room like an event
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.001)
+            child.wake()
+            return marker.done.wait(max(0.0, deadline - time.monotonic()))
         if self._writer is None or not self._writer.is_alive():
             return not self._queue
         marker = _Flush()
@@ -263,15 +302,38 @@ class AuditLog:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        ring = self._ring
+        return ring.depth if ring is not None else len(self._queue)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def start_writer(self) -> None:
         with self._start_lock:
-            if self._writer is None:
+            if self._writer is not None or self.child is not None or self._stop.is_set():
+                return
+            if self.writer_process:
+                self._start_process()
+            else:
                 self._writer = threading.Thread(target=self._run_writer, name="audit-writer", daemon=True)
                 self._writer.start()
+
+    def _start_process(self) -> None:
+        from appliance.audit.writer_process import ChildConfig, WriterProcess
+
+        ring = Ring.create(self.queue_size)
+        child = WriterProcess(
+            ChildConfig(self.pool.conninfo, self.chain_base, self.tx_chains, self.match_actions, self.writer_nice,
+                        self.writer_lanes, self.batch_max, self.flush_interval),
+            ring, on_flushed=self._flushed, on_written=self._written)
+        child.start()
+        self.child = child
+        self._ring = ring  # from here on submit() writes into the ring
+
+    def _written(self, count: int) -> None:
+        EVENTS.labels("queue").inc(count)
+        ring = self._ring
+        if ring is not None:
+            QUEUE_DEPTH.set(ring.depth)
 
     def start(self) -> None:
         """Start the batch writer and the periodic checkpointer (startup hook)."""
@@ -292,11 +354,20 @@ class AuditLog:
                 self._checkpointer.start()
 
     def stop(self, checkpoint: bool = True, timeout: float = 10.0) -> None:
-        """Drain the queue, stop the threads and sign a shutdown checkpoint (shutdown hook)."""
+        """Drain the queue, stop the writer and sign a shutdown checkpoint (shutdown hook)."""
+        ring, self._ring = self._ring, None  # new events now take the slow path, which sees _stop
         self._stop.set()
         if self._writer is not None:
             self._wake.set()
             self._writer.join(timeout)
+        if self.child is not None:
+            if not self.child.stop(timeout):
+                log.error("audit: writer process did not stop in time; it was killed")
+            if ring is not None:
+                self._write_ring_leftovers(ring)
+                ring.close()
+            for m in list(self._markers.values()):  # anything unacknowledged is as committed as it will get
+                m.done.set()
         self._write_leftovers()
         if self._checkpointer is not None:
             self._checkpointer.join(timeout)
@@ -305,6 +376,21 @@ class AuditLog:
                 self.checkpoint("shutdown")
             except Exception as exc:  # shutdown must go on; the next process signs on its next period
                 log.error("audit: shutdown checkpoint failed", error=str(exc))
+
+    def _write_ring_leftovers(self, ring: Ring) -> None:
+        """What a writer process left uncommitted (it was killed, or PostgreSQL was down): written directly."""
+        items, _ = ring.take(ring.read_pos, 1 << 30)
+        events = [from_tuple(i) for i in items if type(i) is not int]
+        if not events:
+            return
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                for event in events:
+                    record_event(conn, event, self.tx_chains, self.match_actions)
+            log.warning("audit: the writer process left events behind; written directly", events=len(events))
+        except Exception as exc:  # PostgreSQL down at shutdown: count and say so
+            DROPPED.inc(len(events))
+            log.error("audit: events lost at shutdown", events=len(events), error=str(exc))
 
     def _write_leftovers(self) -> None:
         """Events appended while the writer was stopping: written directly, on a transaction chain."""
@@ -339,9 +425,6 @@ class AuditLog:
 
     def _run_writer(self) -> None:
         """Hash batches here while the copier thread writes the previous one (CPU and I/O overlap)."""
-        if self.writer_process:
-            self._run_feeder()
-            return
         copier = threading.Thread(target=self._run_copier, name="audit-copier", daemon=True)
         copier.start()
         while True:
@@ -370,42 +453,6 @@ class AuditLog:
             pass
         QUEUE_DEPTH.set(len(self._queue))
         return batch, markers
-
-    def _run_feeder(self) -> None:
-        """Process mode: pop batches and hand them to the writer process; markers follow their batch."""
-        from appliance.audit.writer_process import ChildConfig, WriterProcess
-
-        dsn = self.pool.conninfo
-        child = self.child = WriterProcess(
-            ChildConfig(dsn, self.chain_base, self.tx_chains, self.match_actions, self.writer_nice,
-                        self.writer_lanes),
-            on_flushed=self._flushed, on_written=lambda n: EVENTS.labels("queue").inc(n))
-        child.start()
-        while True:
-            stopping = self._stop.is_set()
-            batch, markers = self._take()
-            try:
-                for start in range(0, len(batch), FEED_CHUNK):
-                    # Converting and pickling holds the GIL: a few events at a time, then let a request
-                    # thread run, so a match never waits a whole 5 ms switch interval for it.
-                    child.send_batch(batch[start:start + FEED_CHUNK])
-                    time.sleep(0)
-                for m in markers:
-                    marker_id = next(self._marker_ids)
-                    self._markers[marker_id] = m
-                    child.send_flush(marker_id)
-            except Exception as exc:  # the child died twice in a row: count the loss, keep serving
-                DROPPED.inc(len(batch))
-                log.error("audit: writer process unavailable, batch lost", events=len(batch), error=str(exc))
-            if not batch and not markers and stopping:
-                break
-            if len(batch) < self.batch_max and not stopping:
-                self._wake.wait(self.flush_interval)
-                self._wake.clear()
-        if not child.stop(timeout=30):
-            log.error("audit: writer process did not stop in time; it was killed")
-        for m in self._markers.values():  # anything still unacknowledged is as committed as it will get
-            m.done.set()
 
     def _flushed(self, marker_id: int) -> None:
         marker = self._markers.pop(marker_id, None)

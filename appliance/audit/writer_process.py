@@ -2,17 +2,20 @@
 
 Why: at tens of thousands of events per second, chaining (three SHA-256 and canonical JSON per
 record) and COPY formatting cost more Python time than the matches that cause them; in the API
-process that time is taken under the GIL the match path needs. Here the API process only pickles
-each batch as plain tuples (a few microseconds per event) and sends it down a pipe; the child,
-started with ``nice`` so matches win the CPU under contention, chains, COPYs and acknowledges.
+process that time is taken under the GIL the match path needs. Here the API process only packs each
+event into a shared-memory ring (``appliance.audit.ring``, no syscall, no thread); the child, started
+with ``nice`` so matches win the CPU under contention, polls the ring, chains, COPYs, and releases the
+ring space once the COPY has committed.
 
-Protocol (parent → child): ``("batch", (id, events))``, ``("flush", marker_id)``, ``("stop", None)``;
-(child → parent): ``("done", [(id, count), ...])`` once the batches are committed (one message per
-COPY transaction: each wakes a thread of the API process, which then takes its GIL), ``("flushed", marker_id)``
-once everything sent before the marker is, ``("error", text)`` before the child gives up. The
-child continues its chains from their heads in ``audit_heads``, so a restarted child extends the
-same chains without a fork or a gap; batches not yet acknowledged when a child died are sent again
-(audit prefers a duplicate to a loss).
+The pipe between them carries only control messages. Parent → child: ``("wake", None)`` (a flush
+marker is waiting: don't sleep out the poll), ``("stop", None)`` (drain the ring, commit, exit).
+Child → parent: ``("done", n)`` once n more events are committed (one message per COPY transaction:
+each wakes a thread of the API process, which then takes its GIL), ``("flushed", marker_id)`` once
+everything put in the ring before the marker is committed, ``("error", text)`` before the child gives
+up, ``("stopped", None)``. A child that dies leaves its uncommitted records in the ring: its
+replacement resumes at the released position and continues the same chains from their heads in
+``audit_heads`` (no fork, no gap; a batch committed but not yet released is written twice — audit
+prefers a duplicate to a loss).
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from appliance.audit import AuditEvent
-from appliance.audit.chain import EventTuple, event_tuple
+from appliance.audit.chain import EventTuple
+from appliance.audit.ring import Ring, decode
 from appliance.logs import get_logger
 
 log = get_logger(__name__)
@@ -43,6 +47,8 @@ class ChildConfig:
     match_actions: frozenset[str]
     nice: int
     lanes: int = 1
+    batch_max: int = 5_000
+    flush_interval: float = 0.2
 
 
 class _Duplex:
@@ -55,9 +61,9 @@ class _Duplex:
     def recv_bytes(self) -> bytes:
         return self._r.recv_bytes()
 
-    def poll(self) -> bool:
-        """Is another message already waiting?"""
-        return self._r.poll(0)
+    def poll(self, timeout: float = 0) -> bool:
+        """Is a message (or the parent's end of file) waiting, within ``timeout`` seconds?"""
+        return self._r.poll(timeout)
 
     def send_bytes(self, data: bytes) -> None:
         self._w.send_bytes(data)
@@ -68,11 +74,16 @@ class _Duplex:
                 c.close()
 
 
-def child_main(read_fd: int, write_fd: int) -> None:
-    """Entry point of the writer process: read its config, then batches until "stop"; write and acknowledge.
+# How often the child looks at the ring while events are flowing (decoding as they arrive spreads its
+# CPU instead of one burst per batch), and once nothing has arrived for IDLE_AFTER seconds.
+POLL_BUSY, IDLE_AFTER = 0.01, 1.0
 
-    A plain ``python -m`` child on inherited pipes, not ``multiprocessing``: it must not re-import the
-    parent's ``__main__`` (uvicorn, pytest, the CLI); the DSN arrives on the pipe, never in argv.
+
+def child_main(read_fd: int, write_fd: int, ring_fd: int) -> None:
+    """Entry point of the writer process: read its config, then the ring until "stop"; write and acknowledge.
+
+    A plain ``python -m`` child on inherited descriptors, not ``multiprocessing``: it must not re-import
+    the parent's ``__main__`` (uvicorn, pytest, the CLI); the DSN arrives on the pipe, never in argv.
     """
     from psycopg_pool import ConnectionPool
 
@@ -80,13 +91,15 @@ def child_main(read_fd: int, write_fd: int) -> None:
 
     conn = _Duplex(read_fd, write_fd)
     config: ChildConfig = pickle.loads(conn.recv_bytes())  # noqa: S301 - our own anonymous pipe
+    ring = Ring.attach(ring_fd)
 
     if config.nice:
         with contextlib.suppress(OSError):
             os.nice(config.nice)
-    # Each event arrives as a fresh tuple and dict that lives only until its batch is formatted: with
-    # the default thresholds the young-generation collector walks them ~every 700 allocations (~1/3 of
-    # the unpickling time, measured). Nothing here builds cycles at that rate, so collect rarely.
+
+    # Each event becomes a fresh tuple and dict that lives only until its batch is formatted: with the
+    # default thresholds the young-generation collector walks them ~every 700 allocations. Nothing here
+    # builds cycles at that rate, so collect rarely.
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
     pool = ConnectionPool(config.dsn, min_size=1, max_size=config.lanes + 1, open=True)
@@ -98,47 +111,76 @@ def child_main(read_fd: int, write_fd: int) -> None:
         return _Reply(conn, lock, message)
 
     put, close = writer.pipeline()
+    pos = ring.read_pos
     events: list[EventTuple] = []
-    acks: list[_Reply] = []
-    done: list[tuple[int, int]] = []
+    acks: list[Any] = []
+    records = 0  # taken from the ring since the last hand-over (events and markers)
 
-    def hand_over() -> None:  # one COPY transaction for everything that arrived together
-        nonlocal events, acks, done
-        if done:
-            acks.append(reply(("done", done)))  # sent once the COPY commits, like every marker here
-        if events or acks:
+    def hand_over() -> None:  # one COPY transaction; its markers fire once it (and every lane) commits
+        nonlocal events, acks, records
+        if events or acks or records:
+            acks.insert(0, _Release(ring, pos, records))  # before the replies: the parent may count on it
+            if events:
+                acks.insert(1, reply(("done", len(events))))
             put(events, acks)
-            events, acks, done = [], [], []
+            events, acks, records = [], [], 0
 
+    stopping = False
+    last_handover = last_seen = time.monotonic()
     try:
         writer.resume_chains()
         while True:
-            try:
-                kind, payload = pickle.loads(conn.recv_bytes())  # noqa: S301 - our own anonymous pipe
-            except (EOFError, OSError):  # the parent is gone: commit what we hold, then exit
-                writer._stop.set()  # a PostgreSQL outage now ends the retries instead of hanging on
-                kind, payload = "stop", None
-            if kind == "batch":
-                batch_id, tuples = payload
-                events.extend(tuples)
-                done.append((batch_id, len(tuples)))
-            elif kind == "flush":
-                if done:  # the batches before this marker are acknowledged before it
-                    acks.append(reply(("done", done)))
-                    done = []
-                acks.append(reply(("flushed", payload)))
-            elif kind == "stop":
+            items, pos = ring.take(pos, max(1, config.batch_max - len(events)))
+            records += len(items)
+            for item in items:
+                t = type(item)
+                if t is tuple:
+                    events.append(item)
+                elif t is int:  # a flush marker: acknowledged after what came before it commits
+                    acks.append(reply(("flushed", item)))
+                else:
+                    events.append(decode(item))
+            now = time.monotonic()
+            if items:
+                last_seen = now
+            if (acks or len(events) >= config.batch_max
+                    or (events and now - last_handover >= config.flush_interval) or (stopping and not items)):
                 hand_over()
+                last_handover = now
+            if stopping and not items:
                 close()
-                reply(("stopped", None)).done.set()
+                reply(("stopped", None)).set()
                 return
-            if len(events) >= writer.batch_max or not conn.poll():
-                hand_over()
+            if items and len(items) >= config.batch_max // 2:
+                continue  # a backlog: keep reading
+            idle = now - last_seen > IDLE_AFTER
+            timeout = config.flush_interval if idle else POLL_BUSY
+            if events:
+                timeout = max(0.0, min(timeout, last_handover + config.flush_interval - now))
+            try:
+                while conn.poll(timeout):
+                    message, _payload = pickle.loads(conn.recv_bytes())  # noqa: S301 - our own anonymous pipe
+                    stopping = stopping or message == "stop"
+                    timeout = 0
+            except (EOFError, OSError):  # the parent is gone: commit what the ring holds, then exit
+                writer._stop.set()  # a PostgreSQL outage now ends the retries instead of hanging on
+                stopping = True
     except Exception as exc:
-        reply(("error", f"{type(exc).__name__}: {exc}")).done.set()
+        reply(("error", f"{type(exc).__name__}: {exc}")).set()
         raise
     finally:
         pool.close()
+
+
+class _Release:
+    """A copier marker: once its batch (and every lane's before it) commits, free its ring space."""
+
+    def __init__(self, ring: Ring, pos: int, count: int) -> None:
+        self.ring, self.pos, self.count = ring, pos, count
+        self.done = self
+
+    def set(self) -> None:
+        self.ring.release(self.pos, self.count)
 
 
 class _Reply:
@@ -154,21 +196,19 @@ class _Reply:
 
 
 class WriterProcess:
-    """The parent's handle: start, send batches and flush markers, restart after a crash, stop.
+    """The parent's handle: start, wake, restart after a crash, stop.
 
-    Every message stays in ``_pending`` until the child acknowledges it; a child that dies (seen as a
-    failed send or as end-of-file on its replies) is replaced and the pending messages are sent again
-    in order, so a flush marker is never lost with its child."""
+    The ring holds every record until the child has committed it, so a child that dies (seen as end of
+    file on its replies, or a failed send) is simply replaced: the new one resumes at the ring's
+    released position."""
 
-    def __init__(self, config: ChildConfig, on_flushed: Callable[[int], None],
+    def __init__(self, config: ChildConfig, ring: Ring, on_flushed: Callable[[int], None],
                  on_written: Callable[[int], None]) -> None:
         self.config = config
+        self.ring = ring
         self.on_flushed = on_flushed
         self.on_written = on_written
-        self._pending: dict[tuple[str, int], bytes] = {}  # insertion order = send order
-        self._lock = threading.RLock()  # sends and restarts (held while a send blocks on a busy child)
-        self._table = threading.Lock()  # the pending table only: acks never wait behind a blocked send
-        self._next_id = 0
+        self._lock = threading.RLock()  # sends and restarts
         self._stopping = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Any = None
@@ -182,9 +222,10 @@ class WriterProcess:
     def _start_locked(self) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
+        ring_fd = self.ring.fd
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.audit.writer_process", str(to_child_r), str(from_child_w)],
-            pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [sys.executable, "-m", "appliance.audit.writer_process", str(to_child_r), str(from_child_w), str(ring_fd)],
+            pass_fds=(to_child_r, from_child_w, ring_fd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             close_fds=True,  # stderr stays: the child's error logs go where the service's go
         )
         os.close(to_child_r)
@@ -198,24 +239,13 @@ class WriterProcess:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
-    def send_batch(self, events: list[AuditEvent]) -> None:
-        """Blocks while the child is busy (the pipe is the back-pressure)."""
-        tuples = [event_tuple(e) for e in events]
+    def wake(self) -> None:
+        """A flush marker is in the ring: have the child look now rather than at its next poll."""
         with self._lock:
-            self._next_id += 1
-            self._send(("b", self._next_id), pickle.dumps(("batch", (self._next_id, tuples)), protocol=5))
-
-    def send_flush(self, marker_id: int) -> None:
-        with self._lock:
-            self._send(("f", marker_id), pickle.dumps(("flush", marker_id)))
-
-    def _send(self, key: tuple[str, int], data: bytes) -> None:
-        with self._table:
-            self._pending[key] = data
-        try:
-            self._conn.send_bytes(data)
-        except (BrokenPipeError, EOFError, OSError):
-            self._restart_locked()  # sends every pending message again, this one included
+            try:
+                self._conn.send_bytes(pickle.dumps(("wake", None)))
+            except (BrokenPipeError, EOFError, OSError):
+                self._restart_locked()
 
     def _restart_locked(self) -> None:
         log.error("audit: writer process died, restarting it", exitcode=None if self._proc is None
@@ -226,11 +256,7 @@ class WriterProcess:
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(5)
-        self._start_locked()  # the new child continues the same chains from audit_heads
-        with self._table:
-            again = list(self._pending.values())
-        for data in again:
-            self._conn.send_bytes(data)
+        self._start_locked()  # resumes at the ring's released position, on the same chains
 
     def _read(self, conn: Any) -> None:
         while True:
@@ -239,16 +265,11 @@ class WriterProcess:
             except (EOFError, OSError):
                 with self._lock:
                     if not self._stopping and conn is self._conn:
-                        self._restart_locked()  # died between sends: nobody else would notice
+                        self._restart_locked()  # nobody else would notice
                 return
             if kind == "done":
-                with self._table:
-                    for batch_id, _count in payload:
-                        self._pending.pop(("b", batch_id), None)
-                self.on_written(sum(count for _id, count in payload))
+                self.on_written(payload)
             elif kind == "flushed":
-                with self._table:
-                    self._pending.pop(("f", payload), None)
                 self.on_flushed(payload)
             elif kind == "error":
                 log.error("audit: writer process failed", error=payload)
@@ -256,7 +277,7 @@ class WriterProcess:
                 return
 
     def stop(self, timeout: float) -> bool:
-        """Ask the child to finish what it has and exit; True if it did within ``timeout``."""
+        """Ask the child to commit what the ring holds and exit; True if it did within ``timeout``."""
         with self._lock:
             self._stopping = True
             if self._proc is None:
@@ -277,4 +298,4 @@ class WriterProcess:
 
 
 if __name__ == "__main__":
-    child_main(int(sys.argv[1]), int(sys.argv[2]))
+    child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -288,3 +288,142 @@ def test_writer_process_exits_when_its_api_process_dies(settings) -> None:
     os.kill(child, 9)
     raise AssertionError("the writer process outlived its parent")
 
+
+
+def _tx_rows_with(conn, marker):  # type: ignore[no-untyped-def]
+    """Records on transaction chains whose details carry ``marker`` (what stop() wrote directly)."""
+    cur = conn.cursor(row_factory=dict_row)
+    return cur.execute("SELECT * FROM audit_log WHERE chain LIKE 'tx:%%' AND details->>'run' = %s",
+                       (marker,)).fetchall()
+
+
+def test_events_a_killed_writer_had_not_committed_are_written_by_its_successor(service_pool, keys) -> None:
+    """The ring keeps every record until a COPY has committed it: events taken by a child that is then
+    killed (stopped first, so it cannot have committed them) are written by the next child."""
+    import os
+    import signal
+
+    from appliance.audit.log import AuditLog
+
+    log = AuditLog(service_pool, keys=lambda: keys, flush_interval=0.02, checkpoint_interval=0, writer_process=True)
+    try:
+        log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": -1}))
+        assert log.flush(20)
+        first = log.child.pid
+        os.kill(first, signal.SIGSTOP)
+        for i in range(500):
+            log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": i}))
+        assert log.queue_depth == 500  # nothing released while the child is stopped
+        os.kill(first, signal.SIGKILL)
+        assert log.flush(30)
+        assert log.child.restarts == 1 and log.queue_depth == 0
+        with service_pool.connection() as conn:
+            rows = _chain_rows(conn, log.chains["match"].name)
+    finally:
+        log.stop(checkpoint=False)
+    assert sorted(r["details"]["i"] for r in rows) == list(range(-1, 500))  # none lost, none twice
+    _assert_chained(rows)
+
+
+def test_a_full_ring_applies_back_pressure_and_the_writer_catches_up(service_pool, keys) -> None:
+    """With the writer stalled, the ring fills: submit waits (counted), then drops (counted, logged);
+    what fitted is committed once the writer runs again."""
+    import os
+    import signal
+
+    from appliance.audit.log import BACKPRESSURE, DROPPED, AuditLog
+
+    log = AuditLog(service_pool, keys=lambda: keys, queue_size=10, block_seconds=0.002, flush_interval=0.02,
+                   checkpoint_interval=0, writer_process=True)
+    waited, dropped = BACKPRESSURE._value.get(), DROPPED._value.get()
+    try:
+        log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": -1}))
+        assert log.flush(20)
+        os.kill(log.child.pid, signal.SIGSTOP)
+        for i in range(8000):  # ~180 bytes each: more than the 1 MiB smallest ring holds
+            log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": i, "pad": "x" * 64}))
+        kept = log.queue_depth
+        lost = DROPPED._value.get() - dropped
+        assert BACKPRESSURE._value.get() > waited and lost > 0
+        assert kept + lost == 8000
+        os.kill(log.child.pid, signal.SIGCONT)
+        assert log.flush(60)
+        with service_pool.connection() as conn:
+            rows = _chain_rows(conn, log.chains["match"].name)
+    finally:
+        log.stop(checkpoint=False)
+    assert len(rows) == 1 + kept
+    assert [r["details"]["i"] for r in rows[1:]] == list(range(kept))  # the first ones, in order
+    _assert_chained(rows)
+
+
+def test_stop_writes_directly_what_a_stuck_writer_left_in_the_ring(service_pool, keys) -> None:
+    """A writer process that does not stop in time is killed; stop() writes its uncommitted events on a
+    transaction chain itself, so a shutdown loses none."""
+    import os
+    import signal
+
+    from appliance.audit.log import AuditLog
+
+    run = uuid.uuid4().hex
+    log = AuditLog(service_pool, keys=lambda: keys, flush_interval=0.02, checkpoint_interval=0, writer_process=True)
+    log.submit(AuditEvent("match", "apikey:test", outcome="unknown"))
+    assert log.flush(20)
+    os.kill(log.child.pid, signal.SIGSTOP)
+    for i in range(50):
+        log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"run": run, "i": i}))
+    log.stop(checkpoint=False, timeout=1)
+    with service_pool.connection() as conn:
+        rows = _tx_rows_with(conn, run)
+    assert sorted(r["details"]["i"] for r in rows) == list(range(50))
+
+
+def test_an_api_process_killed_mid_stream_loses_nothing_already_submitted(settings, service_pool) -> None:
+    """The writer process still maps the ring when its parent dies: it commits what the parent submitted
+    (no flush, no stop) and exits."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import os, sys\n"
+        "from psycopg_pool import ConnectionPool\n"
+        "from appliance.audit import AuditEvent\n"
+        "from appliance.audit.log import AuditLog\n"
+        "pool = ConnectionPool(sys.stdin.readline().strip(), min_size=1, max_size=2, open=True)\n"
+        "log = AuditLog(pool, checkpoint_interval=0, writer_process=True, flush_interval=5)\n"
+        "for i in range(3000):\n"
+        "    log.submit(AuditEvent('match', 'apikey:test', outcome='unknown', details={'i': i}))\n"
+        "print(log.chains['match'].name, log.child.pid, flush=True)\n"
+        "os._exit(0)  # no flush, no stop(): as if killed\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], input=settings.database_url.get_secret_value() + "\n",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    chain, child = proc.stdout.split()[-2], int(proc.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the writer process outlived its parent")
+    with service_pool.connection() as conn:
+        rows = _chain_rows(conn, chain)
+    assert [r["details"]["i"] for r in rows] == list(range(3000))
+    _assert_chained(rows)
+
+
+def test_an_event_with_oversized_details_is_cut_not_lost(audit, service_pool) -> None:
+    """Details too big for one ring record (or a COPY line) are sanitised on the way: the event is kept."""
+    marker = uuid.uuid4().hex
+    audit.submit(AuditEvent("match", "apikey:test", outcome="unknown", object_id=marker,
+                            details={"note": "x" * 200_000, "model": "dlib-resnet-v1"}))
+    assert audit.flush(10)
+    with service_pool.connection() as conn:
+        rows = [r for r in _chain_rows(conn, audit.chains["match"].name) if r["object_id"] == marker]
+    assert len(rows) == 1
+    assert len(canonical_json(rows[0]["details"])) <= 4096
