@@ -311,32 +311,25 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
                                    "other_process = the same load written by another process (CPU only), "
                                    "null_pacer = the in-process load generator submitting to nothing, "
                                    "cpu_burn = the peer: one core of pure CPU at idle priority, no audit load"}
-    if "in_process" in loads:
-        for rate in rates:
-            out[f"in_process_{rate}"] = compare(rate, "in_process")
-            print(rate, "in_process", out[f"in_process_{rate}"], flush=True)
-    if client_rate and "paced_client" in loads:
-        # a camera pipeline's pace rather than a saturating loop: the 2 cores are not also busy with the
-        # client and a back-to-back server, so the difference is the audit load's own cost
-        out[f"in_process_{rates[0]}_paced_client"] = compare(rates[0], "in_process", client=client_rate)
-        out[f"in_process_{rates[0]}_paced_client"]["client_requests_per_s"] = client_rate
-        print(rates[0], "in_process, paced client", out[f"in_process_{rates[0]}_paced_client"], flush=True)
-    if "other_process" in loads:
-        out[f"other_process_{rates[0]}"] = compare(rates[0], "other_process")
-        print(rates[0], "other_process", out[f"other_process_{rates[0]}"], flush=True)
-    if client_rate and "other_process_paced" in loads:
-        out[f"other_process_{rates[0]}_paced_client"] = compare(rates[0], "other_process", client=client_rate)
-        out[f"other_process_{rates[0]}_paced_client"]["client_requests_per_s"] = client_rate
-        print(rates[0], "other_process, paced client", out[f"other_process_{rates[0]}_paced_client"], flush=True)
-    if "null_pacer" in loads:
-        # the in-process load generator alone (its submits go nowhere): what the apparatus costs the p99,
-        # so in_process minus this is the audit pipeline's own share
-        out[f"null_pacer_peer_{rates[0]}"] = compare(rates[0], "null_pacer")
-        print(rates[0], "null pacer peer", out[f"null_pacer_peer_{rates[0]}"], flush=True)
-    if "cpu_burn" in loads:
-        # what any background work of that size costs the match p99 on this machine, audit or not
-        out["cpu_burn_peer"] = compare(0, "cpu_burn")
-        print("cpu burn peer", out["cpu_burn_peer"], flush=True)
+    # (key, load, rate, client pace): in_process = 20k and 2k events/s; paced = the client at a camera
+    # pipeline's pace rather than a saturating loop, so the two cores are not also busy with the client
+    # and a back-to-back server; null_pacer = the in-process generator alone (what the apparatus costs);
+    # cpu_burn = what any background work of that size costs the match p99 on this machine, audit or not
+    top, paced = rates[0], [client_rate] if client_rate else []
+    plan = {
+        "in_process": [(f"in_process_{rate}", "in_process", rate, 0.0) for rate in rates],
+        "paced_client": [(f"in_process_{top}_paced_client", "in_process", top, p) for p in paced],
+        "other_process": [(f"other_process_{top}", "other_process", top, 0.0)],
+        "other_process_paced": [(f"other_process_{top}_paced_client", "other_process", top, p) for p in paced],
+        "null_pacer": [(f"null_pacer_peer_{top}", "null_pacer", top, 0.0)],
+        "cpu_burn": [("cpu_burn_peer", "cpu_burn", 0, 0.0)],
+    }
+    for name in LOADS:
+        for key, load, rate, pace in plan[name] if name in loads else []:
+            out[key] = compare(rate, load, client=pace)
+            if pace:
+                out[key]["client_requests_per_s"] = pace
+            print(key, out[key], flush=True)
     server.should_exit = True
     thread.join(60)
     return out

@@ -439,8 +439,22 @@ static inline int take_bytes(Cursor *c, void *out, size_t n)
     return 1;
 }
 
-/* A u32-length str; NULL with c->why set (malformed) or a Python error (invalid UTF-8, memory). */
-static PyObject *get_str(Cursor *c)
+/* Short strings recur from event to event (actions, actors, outcomes, detail keys, a camera's ids):
+ * take returns the same str object for the same bytes, which saves decoding them, lets dicts reuse their
+ * cached hash, and lets the record formatter's identity shortcuts (_fastchain) hit. A direct-mapped
+ * table on the consumer side (calls hold the GIL); a miss just replaces the slot's entry. */
+#define INTERN_SLOTS 1024 /* a power of two */
+#define INTERN_MAX 64     /* an API key actor is 43 bytes; request ids, unique, are never interned */
+
+static struct {
+    uint32_t n;
+    unsigned char b[INTERN_MAX];
+    PyObject *s;
+} interned[INTERN_SLOTS];
+
+/* A u32-length str; NULL with c->why set (malformed) or a Python error (invalid UTF-8, memory).
+ * `shared`: look the text up in (and add it to) the table of recurring strings. */
+static PyObject *get_str_as(Cursor *c, int shared)
 {
     uint32_t n;
     if (!take_bytes(c, &n, 4))
@@ -449,9 +463,30 @@ static PyObject *get_str(Cursor *c)
         c->why = "string beyond the record's end";
         return NULL;
     }
+    size_t slot = INTERN_SLOTS;
+    if (shared && n <= INTERN_MAX) {
+        uint32_t h = 2166136261u ^ n; /* FNV-1a */
+        for (uint32_t i = 0; i < n; i++)
+            h = (h ^ c->p[i]) * 16777619u;
+        slot = h & (INTERN_SLOTS - 1);
+        if (interned[slot].s != NULL && interned[slot].n == n && memcmp(interned[slot].b, c->p, n) == 0) {
+            c->p += n;
+            return Py_NewRef(interned[slot].s);
+        }
+    }
     PyObject *s = PyUnicode_DecodeUTF8((const char *)c->p, (Py_ssize_t)n, NULL);
+    if (s != NULL && slot < INTERN_SLOTS) {
+        Py_XSETREF(interned[slot].s, Py_NewRef(s));
+        interned[slot].n = n;
+        memcpy(interned[slot].b, c->p, n);
+    }
     c->p += n;
     return s;
+}
+
+static inline PyObject *get_str(Cursor *c)
+{
+    return get_str_as(c, 1);
 }
 
 static PyObject *get_details(Cursor *c)
@@ -549,7 +584,7 @@ static PyObject *get_event(Cursor *c)
     if (v == NULL)
         goto fail;
     PyTuple_SET_ITEM(t, 5, v);
-    v = flags & HAS_REQUEST ? get_str(c) : Py_NewRef(Py_None);
+    v = flags & HAS_REQUEST ? get_str_as(c, 0) : Py_NewRef(Py_None);
     if (v == NULL)
         goto fail;
     PyTuple_SET_ITEM(t, 6, v);

@@ -102,6 +102,25 @@ def test_bench_events_come_back_as_event_tuple_makes_them() -> None:
 
 
 @needs_ring
+def test_recurring_short_strings_come_back_as_one_object_and_long_ones_fresh() -> None:
+    """take shares one str object per short text (cheaper dicts, and the formatter's identity shortcuts
+    hit); equal values either way, and a text that displaces another from its slot is still right."""
+    events = [_event(i) for i in range(3000)]
+    buf = _new()
+    for e in events:
+        assert ring.put_event(buf, e) == 1
+    items = _drain(buf)
+    assert items == [event_tuple(e) for e in events]
+    assert len({id(t[2]) for t in items}) == 1  # the actor
+    assert len({id(k) for t in items for k in t[7] if k == "camera_id"}) == 1
+    assert len({id(t[6]) for t in items[:100]}) == 100  # request ids (unique): never shared
+    many = [AuditEvent("match", f"apikey:{i}", details={f"k{i}": f"v{i % 7}"}) for i in range(5000)]
+    for e in many:
+        assert ring.put_event(buf, e) == 1
+    assert _drain(buf) == [event_tuple(e) for e in many]
+
+
+@needs_ring
 @pytest.mark.parametrize("value", [-0.0, 0.0, math.nan, -math.nan, math.inf, -math.inf, 5e-324, 1.7976931348623157e308,
                                    struct.unpack("<d", struct.pack("<Q", 0x7FF8_0000_DEAD_BEEF))[0]])
 def test_floats_cross_bit_for_bit(value: float) -> None:
