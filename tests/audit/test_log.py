@@ -308,9 +308,10 @@ def test_a_full_ring_applies_back_pressure_and_the_writer_catches_up(service_poo
         for i in range(8000):  # ~180 bytes each: more than the 1 MiB smallest ring holds
             log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": i, "pad": "x" * 64}))
         kept = log.queue_depth
-        lost = DROPPED._value.get() - dropped
-        assert BACKPRESSURE._value.get() > waited and lost > 0
-        assert kept + lost == 8000
+        assert 0 < kept < 8000
+        # the counters are process-wide (another test's writer may still count a loss): at least ours
+        assert BACKPRESSURE._value.get() > waited
+        assert DROPPED._value.get() - dropped >= 8000 - kept
         os.kill(log.child.pid, signal.SIGCONT)
         assert log.flush(60)
         with service_pool.connection() as conn:
