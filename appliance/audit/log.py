@@ -312,10 +312,14 @@ class AuditLog:
             if self._writer is not None or self.child is not None or self._stop.is_set():
                 return
             if self.writer_process:
-                self._start_process()
-            else:
-                self._writer = threading.Thread(target=self._run_writer, name="audit-writer", daemon=True)
-                self._writer.start()
+                try:
+                    self._start_process()
+                    return
+                except OSError as exc:  # no memfd (a seccomp filter?) or no fork: audit must go on
+                    log.error("audit: writer process unavailable; batches are written by a thread", error=str(exc))
+                    self.writer_process = False
+            self._writer = threading.Thread(target=self._run_writer, name="audit-writer", daemon=True)
+            self._writer.start()
 
     def _start_process(self) -> None:
         from appliance.audit.writer_process import ChildConfig, WriterProcess

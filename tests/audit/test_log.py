@@ -393,3 +393,26 @@ def test_an_event_with_oversized_details_is_cut_not_lost(audit, service_pool) ->
         rows = [r for r in _chain_rows(conn, audit.chains["match"].name) if r["object_id"] == marker]
     assert len(rows) == 1
     assert len(canonical_json(rows[0]["details"])) <= 4096
+
+
+def test_without_shared_memory_the_writer_falls_back_to_a_thread(service_pool, keys, monkeypatch) -> None:
+    """A host that refuses memfd_create (a stricter seccomp filter) must not cost a match its answer:
+    the AuditLog says so and writes batches with its thread writer instead."""
+    import os
+
+    from appliance.audit.log import AuditLog
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise PermissionError(1, "Operation not permitted", "memfd_create")
+
+    monkeypatch.setattr(os, "memfd_create", refuse)
+    log = AuditLog(service_pool, keys=lambda: keys, flush_interval=0.02, checkpoint_interval=0, writer_process=True)
+    try:
+        log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": 1}))
+        assert log.flush(10)
+        assert log.child is None and not log.writer_process
+        with service_pool.connection() as conn:
+            rows = _chain_rows(conn, log.chains["match"].name)
+    finally:
+        log.stop(checkpoint=False)
+    assert [r["details"]["i"] for r in rows] == [1]
