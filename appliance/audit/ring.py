@@ -10,6 +10,7 @@ for its successor (or for the API process at shutdown). Layout and record format
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import pickle
@@ -71,7 +72,7 @@ class Ring:
         data = pickle.dumps(event_tuple(event), protocol=5)
         if len(data) >= MAX_RECORD - 64:  # oversized details: the writer would truncate them anyway
             details, _ = sanitize_details(event.details or {})
-            data = pickle.dumps(event_tuple(_with_details(event, details)), protocol=5)
+            data = pickle.dumps(event_tuple(dataclasses.replace(event, details=details)), protocol=5)
         return bool(self._put_pickled(self.buf, data))
 
     def put_marker(self, marker_id: int) -> bool:
@@ -118,8 +119,3 @@ def from_tuple(item: Any) -> AuditEvent:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _with_details(event: AuditEvent, details: dict[str, Any]) -> AuditEvent:
-    return AuditEvent(event.action, event.actor, event.outcome, event.subject_id, event.object_id,
-                      event.request_id, details, event.ts)
