@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -71,7 +72,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 EVENTS = Counter("appliance_audit_events_total", "Audit records written", ["path"])
-QUEUE_DEPTH = Gauge("appliance_audit_queue_depth", "Audit events waiting for the batch writer")
+QUEUE_DEPTH = Gauge("appliance_audit_queue_depth", "Audit events queued and not yet committed")
 BACKPRESSURE = Counter("appliance_audit_backpressure_total", "submit() calls that found the queue full and waited")
 DROPPED = Counter("appliance_audit_dropped_total", "Audit events lost: queue still full after waiting, or shutdown")
 REDACTED = Counter("appliance_audit_redacted_total", "Audit events whose details had sensitive keys removed")
@@ -204,6 +205,7 @@ class AuditLog:
         if writer_process and not ring_available():
             log.warning("audit: appliance.audit._ring is not built; batches are written by a thread instead")
         self.writer_process = writer_process and ring_available()
+        _LOGS.add(self)
         self.writer_nice = writer_nice
         self.writer_lanes = max(1, writer_lanes)
         self.child: WriterProcess | None = None
@@ -303,7 +305,12 @@ class AuditLog:
     @property
     def queue_depth(self) -> int:
         ring = self._ring
-        return ring.depth if ring is not None else len(self._queue)
+        if ring is None:
+            return len(self._queue)
+        try:
+            return ring.depth
+        except ValueError:  # stop() closed the ring meanwhile
+            return 0
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -335,9 +342,6 @@ class AuditLog:
 
     def _written(self, count: int) -> None:
         EVENTS.labels("queue").inc(count)
-        ring = self._ring
-        if ring is not None:
-            QUEUE_DEPTH.set(ring.depth)
 
     def start(self) -> None:
         """Start the batch writer and the periodic checkpointer (startup hook)."""
@@ -455,7 +459,6 @@ class AuditLog:
                 (markers if type(item) is _Flush else batch).append(item)  # type: ignore[arg-type]
         except IndexError:
             pass
-        QUEUE_DEPTH.set(len(self._queue))
         return batch, markers
 
     def _flushed(self, marker_id: int) -> None:
@@ -602,6 +605,15 @@ class AuditLog:
 
 
 _LOCK = threading.Lock()
+_LOGS: weakref.WeakSet[AuditLog] = weakref.WeakSet()
+
+
+def _queued() -> float:
+    """Read at scrape time, not pushed by the writer: right even while nothing commits (PostgreSQL down)."""
+    return float(sum(log.queue_depth for log in list(_LOGS)))
+
+
+QUEUE_DEPTH.set_function(_queued)
 
 
 def audit_log(state: Any) -> AuditLog:

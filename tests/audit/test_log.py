@@ -296,6 +296,8 @@ def test_a_full_ring_applies_back_pressure_and_the_writer_catches_up(service_poo
     import os
     import signal
 
+    from prometheus_client import REGISTRY
+
     from appliance.audit.log import BACKPRESSURE, DROPPED, AuditLog
 
     log = AuditLog(service_pool, keys=lambda: keys, queue_size=10, block_seconds=0.002, flush_interval=0.02,
@@ -309,6 +311,7 @@ def test_a_full_ring_applies_back_pressure_and_the_writer_catches_up(service_poo
             log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": i, "pad": "x" * 64}))
         kept = log.queue_depth
         assert 0 < kept < 8000
+        assert REGISTRY.get_sample_value("appliance_audit_queue_depth") >= kept  # visible while stalled
         # the counters are process-wide (another test's writer may still count a loss): at least ours
         assert BACKPRESSURE._value.get() > waited
         assert DROPPED._value.get() - dropped >= 8000 - kept
