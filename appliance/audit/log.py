@@ -389,16 +389,8 @@ class AuditLog:
         """What a writer process left uncommitted (it was killed, or PostgreSQL was down): written directly."""
         items, _ = ring.take(ring.read_pos, 1 << 30)
         events = [from_tuple(i) for i in items if type(i) is not int]
-        if not events:
-            return
-        try:
-            with self.pool.connection() as conn, conn.transaction():
-                for event in events:
-                    record_event(conn, event, self.tx_chains, self.match_actions)
+        if self._write_at_shutdown(events):
             log.warning("audit: the writer process left events behind; written directly", events=len(events))
-        except Exception as exc:  # PostgreSQL down at shutdown: count and say so
-            DROPPED.inc(len(events))
-            log.error("audit: events lost at shutdown", events=len(events), error=str(exc))
 
     def _write_leftovers(self) -> None:
         """Events appended while the writer was stopping: written directly, on a transaction chain."""
@@ -406,19 +398,23 @@ class AuditLog:
         while self._queue:
             item = self._queue.popleft()
             (markers if isinstance(item, _Flush) else leftovers).append(item)
-        if not leftovers:
-            for m in markers:
-                m.done.set()
-            return
-        try:
-            with self.pool.connection() as conn, conn.transaction():
-                for event in leftovers:
-                    record_event(conn, event, self.tx_chains, self.match_actions)
-        except Exception as exc:  # PostgreSQL down at shutdown: count and say so
-            DROPPED.inc(len(leftovers))
-            log.error("audit: events lost at shutdown", events=len(leftovers), error=str(exc))
+        self._write_at_shutdown(leftovers)
         for m in markers:
             m.done.set()
+
+    def _write_at_shutdown(self, events: list[AuditEvent]) -> bool:
+        """One transaction on the transaction chains; True if there were events and they committed."""
+        if not events:
+            return False
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                for event in events:
+                    record_event(conn, event, self.tx_chains, self.match_actions)
+            return True
+        except Exception as exc:  # PostgreSQL down at shutdown: count and say so
+            DROPPED.inc(len(events))
+            log.error("audit: events lost at shutdown", events=len(events), error=str(exc))
+            return False
 
     def checkpoint(self, kind: str = "periodic") -> int:
         """Sign the head of every chain that moved since its last checkpoint; returns how many."""
