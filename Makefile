@@ -62,7 +62,7 @@ bench-tools:
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -qqy --no-install-recommends wrk >/dev/null; } \
 	    || echo "wrk unavailable: bench/match.py reports its Python client only"
 
-## Benchmarks (not in CI, ~10 min): JSON under bench/results/, each with its baseline from the same run.
+## Benchmarks (not in CI, ~35 min): JSON under bench/results/, each with its baseline from the same run.
 bench: $(STAMP) bench-tools
 	$(BIN)/python bench/match.py --n 10000 --n 100000
 	$(BIN)/python bench/enrol.py

@@ -1,22 +1,34 @@
 """Audit benchmark: sustained events/s of the batched writer, and /v1/match latency with and without
-20,000 audit events/s flowing through the same process's AuditLog (same run, alternating phases).
+20,000 audit events/s flowing through the same process's AuditLog (same run, interleaved phases).
 
-    .venv/bin/python bench/audit.py [--seconds 8] [--rounds 6] [--phase-seconds 4] [--rate 20000]
+    .venv/bin/python bench/audit.py [--seconds 8] [--rounds 40] [--phase-seconds 0.5] [--repeat 3]
+                                    [--rate 20000] [--loads in_process,other_process,...]
 
-Writes bench/results/audit.json. The API runs in this process (uvicorn in a thread) so the synthetic
-audit load shares its GIL and CPU exactly as match-path events would; the latency client is a
-separate process with one keep-alive connection, timing sequential requests: back to back, and
-(``--client-rate``, default 200/s) paced like a camera pipeline, so that the client and a saturated
-server do not themselves fill the two cores the writer and PostgreSQL need.
+Writes bench/results/audit.json. The API runs in this process (uvicorn in a thread). The headline
+load is submitted on the API's own event loop, where /v1/match submits each match's event, so it
+shares the GIL and CPU as match-path events do; variants submit it from another thread of the API
+process, or from another process, and two peers show what the apparatus and any background CPU cost.
+
+The latency client is a separate process with one keep-alive connection and a prepared request,
+timing sequential calls back to back, and (``--client-rate``, default 200/s) paced like a camera
+pipeline. It runs throughout a comparison while the load is switched on and off every
+``--phase-seconds`` in ABBA order; each call counts for the phase it started in. On this shared VM the
+p99 of a 0.6 ms call drifts by tens of percent within minutes, so short interleaved phases (drift
+falls on both sides alike) and ``--repeat`` runs, reported one by one with their median, replace long
+single phases.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import http.client
 import json
 import os
 import resource
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +47,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces_dlib128.
 
 
 # the match comparisons (--loads)
-LOADS = ("in_process", "paced_client", "other_process", "other_process_paced", "null_pacer", "cpu_burn")
+TICK = float(os.environ.get("BENCH_AUDIT_TICK", "0.001"))  # s between a pacer's submissions
+SETTLE = 0.15  # s after switching the load on or off during which match calls count for neither side
+LOADS = ("in_process", "paced_client", "in_process_thread", "other_process", "other_process_paced", "null_pacer",
+         "null_pacer_paced", "cpu_burn", "cpu_burn_paced")
 ENROLLED = [uuid.UUID(int=(0x5EED << 64) + i) for i in range(1000)]  # the people a camera keeps seeing
 
 
@@ -117,26 +132,37 @@ def writer_burst(pool: Any, n: int, var_dir: Path, process: bool) -> dict[str, A
 
 
 class Pacer:
-    """Submits ``rate`` events/s to an AuditLog in 10 ms ticks (a thread), counting what it submitted."""
+    """Submits ``rate`` events/s to an AuditLog in 10 ms ticks (a thread), counting what it submitted.
+
+    ``active`` pauses and resumes it (the match comparison toggles the load); a pause, or a stall of
+    the whole process (SIGSTOP), is never made up for with a burst: the schedule restarts."""
 
     def __init__(self, log: Any, rate: int) -> None:
         self.log, self.rate = log, rate
         self.stop = threading.Event()
+        self.active = threading.Event()
+        self.active.set()
         self.submitted = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        events = [_event(i) for i in range(self.rate // 100)]
-        start = time.perf_counter()
-        tick = 0
+        events = [_event(i) for i in range(max(1, round(self.rate * TICK)))]
+        start, tick = time.perf_counter(), 0
         while not self.stop.is_set():
+            if not self.active.is_set():
+                while not self.active.wait(0.05):
+                    if self.stop.is_set():
+                        return
+                start, tick = time.perf_counter(), 0
             for e in events:
                 self.log.submit(e)
             self.submitted += len(events)
             tick += 1
-            delay = start + tick * 0.01 - time.perf_counter()
+            delay = start + tick * TICK - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
+            elif delay < -0.05:  # stalled (stopped, or starved): restart the schedule rather than catch up
+                start, tick = time.perf_counter(), 0
 
     def __enter__(self) -> Pacer:
         self.t0 = time.perf_counter()
@@ -146,6 +172,55 @@ class Pacer:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
+        self.seconds = time.perf_counter() - self.t0
+
+
+class LoopPacer:
+    """Submits ``rate`` events/s from the API server's own event loop, where ``/v1/match`` submits each
+    match's event: every TICK the events then due run as one callback between requests, as other
+    requests' events would. Same ``active``/``submitted``/context interface as Pacer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, log: Any, rate: int) -> None:
+        self.loop, self.log, self.rate = loop, log, rate
+        self.active = threading.Event()
+        self.active.set()
+        self.submitted = 0
+        self._events = [_event(i) for i in range(max(1, round(rate * TICK)) * 4)]
+        self._stopped = False
+        self._start = 0.0
+        self._since = 0  # submitted since the schedule (re)started
+
+    def _tick(self) -> None:
+        if self._stopped:
+            return
+        now = self.loop.time()
+        if not self.active.is_set():
+            self._start, self._since = now, 0
+        else:
+            due = int((now - self._start) * self.rate) - self._since
+            if due > self.rate * 0.05:  # stalled: restart the schedule rather than catch up
+                self._start, self._since, due = now, 0, 0
+            due = min(due, len(self._events))
+            for e in self._events[:due]:
+                self.log.submit(e)
+            self._since += max(0, due)
+            self.submitted += max(0, due)
+        self.loop.call_at(now + TICK, self._tick)
+
+    def __enter__(self) -> LoopPacer:
+        self.t0 = time.perf_counter()
+        self._start = 0.0
+        self.loop.call_soon_threadsafe(self._begin)
+        return self
+
+    def _begin(self) -> None:
+        self._start, self._since = self.loop.time(), 0
+        self._tick()
+
+    def __exit__(self, *exc: object) -> None:
+        done = threading.Event()
+        self.loop.call_soon_threadsafe(lambda: (setattr(self, "_stopped", True), done.set()))
+        done.wait(10)
         self.seconds = time.perf_counter() - self.t0
 
 
@@ -196,11 +271,38 @@ class _NullLog:
 
 def _client(port: int, token: str, seconds: float, probe: list[float], rate: float) -> None:
     """Latency client (run as a subprocess): sequential keep-alive POST /v1/match, back to back
-    (``rate`` 0) or one every 1/``rate`` s like a camera pipeline; prints ms per call."""
+    (``rate`` 0) or one every 1/``rate`` s like a camera pipeline, for ``seconds`` after a first call;
+    prints "ready" after that call, then one JSON list of [start (perf_counter: CLOCK_MONOTONIC, the
+    same clock as the controller's), ms] per call."""
     body = json.dumps({"model": MODEL, "embedding": probe, "k": 5}).encode()
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    out = []
+    request = (f"POST /v1/match HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    out: list[tuple[float, float]] = []
+
+    def call() -> None:
+        # One prepared request, one send, a minimal reader: http.client's per-call parsing would cost
+        # the client ~0.1 ms of the very CPU the server and the writer are measured on.
+        t = time.perf_counter()
+        sock.sendall(request)
+        data = b""
+        while (head_end := data.find(b"\r\n\r\n")) < 0:
+            if not (chunk := sock.recv(65536)):
+                raise SystemExit("server closed the connection")
+            data += chunk
+        length = int(data[:head_end].lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        while len(data) < head_end + 4 + length:
+            if not (chunk := sock.recv(65536)):
+                raise SystemExit("server closed the connection")
+            data += chunk
+        out.append((t, (time.perf_counter() - t) * 1000))
+        if not data.startswith(b"HTTP/1.1 200"):
+            raise SystemExit(f"match returned {data[:head_end].decode(errors='replace')}")
+
+    call()
+    out.clear()
+    print("ready", flush=True)
     start = time.perf_counter()
     end = start + seconds
     while time.perf_counter() < end:
@@ -208,18 +310,45 @@ def _client(port: int, token: str, seconds: float, probe: list[float], rate: flo
             due = start + len(out) / rate
             if (wait := due - time.perf_counter()) > 0:
                 time.sleep(wait)
-        t = time.perf_counter()
-        conn.request("POST", "/v1/match", body=body, headers=headers)
-        resp = conn.getresponse()
-        resp.read()
-        out.append((time.perf_counter() - t) * 1000)
-        if resp.status != 200:
-            raise SystemExit(f"match returned {resp.status}")
+        call()
     print(json.dumps(out))
 
 
+Halves = tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]
+
+
+def split_by_phase(calls: list[tuple[float, float]], switches: list[tuple[float, bool]], end: float,
+                   settle: float) -> tuple[list[float], list[float], Halves]:
+    """Latencies of ``calls`` ([start, ms]) without and with the load, by the phase each started in.
+
+    ``switches`` are [time, load on?] in time order, the first one the start of the measurement; calls
+    before it, from ``end`` on, or within ``settle`` s after a switch count for neither side. Also the
+    same split for the first and the second half of the time, as ((base, loaded), (base, loaded))."""
+    base: list[float] = []
+    loaded: list[float] = []
+    halves: Halves = (([], []), ([], []))
+    t0 = switches[0][0]
+    middle = (t0 + end) / 2
+    i = 0
+    for t, ms in sorted(calls):
+        while i + 1 < len(switches) and switches[i + 1][0] <= t:
+            i += 1
+        if t < t0 or t >= end or t - switches[i][0] < settle:
+            continue
+        on = switches[i][1]
+        (loaded if on else base).append(ms)
+        halves[t >= middle][on].append(ms)
+    return base, loaded, halves
+
+
+def _kill(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
 def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates: list[int],
-                  client_rate: float, loads: frozenset[str] = frozenset(LOADS)) -> dict[str, Any]:
+                  client_rate: float, loads: frozenset[str] = frozenset(LOADS), repeat: int = 1) -> dict[str, Any]:
     import numpy as np
     import uvicorn
 
@@ -234,6 +363,7 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
     while not server.started:
         time.sleep(0.05)
     state = app.state.appliance
+    loop = server.servers[0].get_loop()
     assert state.extras["matcher"].wait_ready(300)
     admin = api_key(stack, ["admin"], "bench-audit-admin")
     data = np.load(DATA)
@@ -250,67 +380,105 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
     token = api_key(stack, ["match"], "bench-audit-match")
     probe = vectors[0].tolist()
 
-    def run_client(rate: float = 0.0) -> list[float]:
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        proc = subprocess.run([sys.executable, __file__, "--client", str(port), token, str(seconds), json.dumps(probe),
-                               str(rate)],
-                              capture_output=True, text=True, env=env, timeout=seconds + 120)
-        if proc.returncode:
-            raise RuntimeError(proc.stderr[-2000:])
-        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
-    run_client()  # warm-up
+    def start_client(rate: float, duration: float) -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, __file__, "--client", str(port), token, str(duration),
+                                 json.dumps(probe), str(rate)], stdout=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"match client failed: exit {proc.wait()}")
+        return proc
+
+    def samples_of(proc: subprocess.Popen[str]) -> list[tuple[float, float]]:
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode:
+            raise RuntimeError(f"match client failed: exit {proc.returncode}")
+        return [(t, ms) for t, ms in json.loads(out.strip().splitlines()[-1])]
+
+    samples_of(start_client(0.0, 3.0))  # warm-up
     log = audit_log(state)
 
     def stats(xs: list[float]) -> dict[str, float]:
-        return {"n": len(xs), "p50_ms": round(pct(xs, 50), 3), "p99_ms": round(pct(xs, 99), 3),
-                "mean_ms": round(float(np.mean(xs)), 3)}
+        return {"n": len(xs), "p50_ms": round(pct(xs, 50), 3), "p90_ms": round(pct(xs, 90), 3),
+                "p99_ms": round(pct(xs, 99), 3), "mean_ms": round(float(np.mean(xs)), 3)}
+
+    def rise(base: list[float], loaded: list[float], p: float) -> float:
+        return round((pct(loaded, p) / pct(base, p) - 1) * 100, 1)
 
     def compare(rate: int, load: str, client: float = 0.0) -> dict[str, Any]:
-        """Alternate phases without and with ``rate`` extra audit events/s (``load``: in this process or
-        another), or with the ``cpu_burn`` peer; the match client back to back (``client`` 0) or paced."""
-        base: list[float] = []
-        loaded: list[float] = []
-        offered = []
-        ratios = []  # per round: loaded p99 / unloaded p99 of the phases just before and after each other
-        for _ in range(rounds):
-            b_round = run_client(client)
-            base += b_round
-            n_loaded = len(loaded)
+        """One match client runs throughout while the load (``rate`` extra audit events/s in this process
+        or another, or the ``cpu_burn`` peer) is switched on and off every ``seconds`` in ABBA order, so
+        that the machine's drift, which here moves the p99 by tens of percent within minutes, falls on
+        both sides alike. Each call counts for the phase it started in; calls starting within SETTLE s
+        after a switch (the load starting up or draining) count for neither."""
+        with contextlib.ExitStack() as cleanup:  # a failed client must not leave a stopped burner behind
             if load == "cpu_burn":
                 proc = subprocess.Popen([sys.executable, "-c", _BURN])
-                time.sleep(0.5)
-                loaded += run_client(client)
-                proc.kill()
-                proc.wait()
-                offered.append(0.0)
+                cleanup.callback(_kill, proc)
+                os.kill(proc.pid, signal.SIGSTOP)
             elif load == "other_process":
-                env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
                 proc = subprocess.Popen([sys.executable, __file__, "--load", settings.database_url.get_secret_value(),
                                          str(rate)], env=env, stdout=subprocess.PIPE, text=True)
-                time.sleep(1.0)
-                loaded += run_client(client)
-                proc.terminate()
-                offered.append(float((proc.communicate(timeout=60)[0].strip().splitlines() or ["0"])[-1]))
+                cleanup.callback(_kill, proc)
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
             else:
-                with Pacer(_NullLog() if load == "null_pacer" else log, rate) as pacer:
-                    loaded += run_client(client)
-                offered.append(pacer.submitted / pacer.seconds)
-            ratios.append(pct(loaded[n_loaded:], 99) / pct(b_round, 99))
+                target = _NullLog() if load == "null_pacer" else log
+                pacer = Pacer(target, rate) if load == "in_process_thread" else LoopPacer(loop, target, rate)
+                pacer.active.clear()
+                cleanup.enter_context(pacer)
+
+            def switch(on: bool) -> None:
+                if load == "cpu_burn":
+                    os.kill(proc.pid, signal.SIGCONT if on else signal.SIGSTOP)
+                elif load == "other_process":
+                    os.kill(proc.pid, signal.SIGUSR1 if on else signal.SIGUSR2)
+                elif on:
+                    pacer.active.set()
+                else:
+                    pacer.active.clear()
+
+            order = [on for r in range(rounds) for on in ((False, True) if r % 2 == 0 else (True, False))]
+            client_proc = start_client(client, len(order) * seconds + 0.5)
+            cleanup.callback(_kill, client_proc)
+            t0 = time.perf_counter() + 0.2
+            switches: list[tuple[float, bool]] = [(t0, False)]
+            on_seconds = 0.0
+            for k, on in enumerate([*order, False]):
+                if (delay := t0 + k * seconds - time.perf_counter()) > 0:
+                    time.sleep(delay)
+                if on != switches[-1][1]:
+                    switch(on)
+                    now = time.perf_counter()
+                    if not on:
+                        on_seconds += now - switches[-1][0]
+                    switches.append((now, on))
+            end = t0 + len(order) * seconds
+            calls = samples_of(client_proc)
+            if load == "cpu_burn":
+                submitted = 0
+            elif load == "other_process":
+                proc.terminate()
+                submitted = int((proc.communicate(timeout=60)[0].strip().splitlines() or ["0"])[-1])
+        if load not in ("cpu_burn", "other_process"):
+            submitted = pacer.submitted
         assert log.flush(120)
+        base, loaded, halves = split_by_phase(calls, switches, end, SETTLE)
         b, lo = stats(base), stats(loaded)
         return {"without_audit_load": b, "with_audit_load": lo,
-                "audit_load_events_per_s": round(float(np.mean(offered))),
-                "p99_increase_pct": round((lo["p99_ms"] / b["p99_ms"] - 1) * 100, 1),
-                "p99_increase_pct_median_of_rounds": round((float(np.median(ratios)) - 1) * 100, 1),
-                "p99_increase_pct_by_round": [round((r - 1) * 100, 1) for r in ratios],
-                "p50_increase_pct": round((lo["p50_ms"] / b["p50_ms"] - 1) * 100, 1)}
+                "audit_load_events_per_s": round(submitted / on_seconds) if on_seconds else 0,
+                "p99_increase_pct": rise(base, loaded, 99),
+                "p99_increase_pct_first_and_second_half": [rise(*halves[0], 99), rise(*halves[1], 99)],
+                "p90_increase_pct": rise(base, loaded, 90), "p50_increase_pct": rise(base, loaded, 50)}
 
     out: dict[str, Any] = {"note": "every match also submits its own audit event in all phases; "
-                                   "in_process = the load shares the API process (its GIL), "
-                                   "other_process = the same load written by another process (CPU only), "
-                                   "null_pacer = the in-process load generator submitting to nothing, "
-                                   "cpu_burn = the peer: one core of pure CPU at idle priority, no audit load"}
+                                   "in_process = the load submitted on the API's event loop between requests, "
+                                   "as /v1/match submits its own events; in_process_thread = the same load "
+                                   "from a separate thread of the API process (GIL hand-offs on top); "
+                                   "other_process = the same load written by another process (CPU only); "
+                                   "null_pacer = the event-loop generator submitting to nothing; "
+                                   "cpu_burn = the peer: one core of pure CPU at idle priority, no audit load",
+                           "tick_s": TICK, "phase_s": seconds, "rounds": rounds, "settle_s": SETTLE}
     # (key, load, rate, client pace): in_process = 20k and 2k events/s; paced = the client at a camera
     # pipeline's pace rather than a saturating loop, so the two cores are not also busy with the client
     # and a back-to-back server; null_pacer = the in-process generator alone (what the apparatus costs);
@@ -319,17 +487,24 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
     plan = {
         "in_process": [(f"in_process_{rate}", "in_process", rate, 0.0) for rate in rates],
         "paced_client": [(f"in_process_{top}_paced_client", "in_process", top, p) for p in paced],
+        "in_process_thread": [(f"in_process_thread_{top}", "in_process_thread", top, 0.0)],
         "other_process": [(f"other_process_{top}", "other_process", top, 0.0)],
         "other_process_paced": [(f"other_process_{top}_paced_client", "other_process", top, p) for p in paced],
         "null_pacer": [(f"null_pacer_peer_{top}", "null_pacer", top, 0.0)],
+        "null_pacer_paced": [(f"null_pacer_peer_{top}_paced_client", "null_pacer", top, p) for p in paced],
         "cpu_burn": [("cpu_burn_peer", "cpu_burn", 0, 0.0)],
+        "cpu_burn_paced": [("cpu_burn_peer_paced_client", "cpu_burn", 0, p) for p in paced],
     }
     for name in LOADS:
         for key, load, rate, pace in plan[name] if name in loads else []:
-            out[key] = compare(rate, load, client=pace)
-            if pace:
-                out[key]["client_requests_per_s"] = pace
-            print(key, out[key], flush=True)
+            runs = []
+            for _ in range(repeat):
+                runs.append(compare(rate, load, client=pace))
+                print(key, runs[-1], flush=True)
+            out[key] = {"client_requests_per_s": pace or "back to back", "runs": runs}
+            for stat in ("p99", "p90", "p50"):
+                rises = [r[f"{stat}_increase_pct"] for r in runs]
+                out[key][f"{stat}_increase_pct_median_of_runs"] = float(np.median(rises))
     server.should_exit = True
     thread.join(60)
     return out
@@ -342,9 +517,8 @@ _BURN = ("import hashlib, os\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_p
 
 
 def _load_process(dsn: str, rate: int) -> None:
-    """Run as a subprocess: offer ``rate`` events/s through its own AuditLog until SIGTERM; print the rate."""
-    import signal
-
+    """Run as a subprocess: an AuditLog with a paused Pacer; "ready" on stdout, then SIGUSR1 offers
+    ``rate`` events/s, SIGUSR2 pauses, SIGTERM ends it: prints how many events it submitted."""
     from psycopg_pool import ConnectionPool
 
     from appliance.audit.log import AuditLog
@@ -352,11 +526,16 @@ def _load_process(dsn: str, rate: int) -> None:
     pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True)
     log = AuditLog(pool, checkpoint_interval=0, writer_process=True, writer_lanes=_lanes())
     done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
     with Pacer(log, rate) as pacer:
-        done.wait()
+        pacer.active.clear()
+        signal.signal(signal.SIGUSR1, lambda *_: pacer.active.set())
+        signal.signal(signal.SIGUSR2, lambda *_: pacer.active.clear())
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        print("ready", flush=True)
+        while not done.wait(0.1):
+            pass
     log.stop(checkpoint=False)  # its writer process commits what it holds and exits
-    print(round(pacer.submitted / pacer.seconds), flush=True)
+    print(pacer.submitted, flush=True)
     os._exit(0)
 
 
@@ -369,10 +548,14 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--rounds", type=int, default=6, help="alternations of unloaded and loaded match phases")
-    ap.add_argument("--phase-seconds", type=float, default=4.0,
+    ap.add_argument("--rounds", type=int, default=40,
+                    help="match comparison: ABBA rounds of one phase without and one with the load")
+    ap.add_argument("--phase-seconds", type=float, default=0.5,
                     help="length of each match phase: short phases, many rounds, so drift hits both sides alike")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each match comparison (the p99 of a sub-millisecond call moves with the host)")
     ap.add_argument("--rate", type=int, default=20_000)
+    ap.add_argument("--low-rate", type=int, default=2_000, help="in_process also at this rate (0: skip)")
     ap.add_argument("--burst", type=int, default=200_000)
     ap.add_argument("--skip-match", action="store_true")
     ap.add_argument("--client-rate", type=float, default=200.0,
@@ -403,12 +586,12 @@ def main() -> None:
             print("paced at 1.25x", result["writer_paced_headroom"], flush=True)
         pool.close()
         if not args.skip_match:
-            rates = [args.rate, args.rate // 10]
+            rates = [args.rate, *([args.low_rate] if args.low_rate else [])]
             loads = frozenset(args.loads.split(","))
             if unknown := loads - set(LOADS):
                 ap.error(f"unknown --loads {sorted(unknown)}; choose from {', '.join(LOADS)}")
             result["match"] = match_latency(settings, stack, args.phase_seconds, args.rounds, rates, args.client_rate,
-                                            loads)
+                                            loads, args.repeat)
             print("match", result["match"], flush=True)
     finally:
         result["load_avg_at_end"] = os.getloadavg()
