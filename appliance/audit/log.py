@@ -190,7 +190,7 @@ class AuditLog:
         checkpoint_interval: float = 60.0,
         chain_base: str | None = None,
         writer_process: bool = False,
-        writer_nice: int = 10,
+        writer_nice: int = 19,
         writer_lanes: int = 1,
     ) -> None:
         self.pool = pool

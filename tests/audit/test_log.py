@@ -93,6 +93,24 @@ def test_a_killed_writer_process_is_replaced_and_the_chain_goes_on(service_pool,
             _assert_chained(rows)
 
 
+def test_the_writer_process_runs_at_its_niceness_and_the_api_process_keeps_its_own(service_pool, keys) -> None:
+    """The child lowers only its own CPU priority, so a match wins a contended core against it."""
+    import os
+
+    from appliance.audit.log import AuditLog
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    log = AuditLog(service_pool, keys=lambda: keys, flush_interval=0.02, checkpoint_interval=0, writer_process=True,
+                   writer_nice=7)
+    try:
+        log.submit(AuditEvent("match", "apikey:test", outcome="unknown"))
+        assert log.flush(20)  # the child has read its config and written: os.nice() ran before that
+        assert os.getpriority(os.PRIO_PROCESS, log.child.pid) == min(19, before + 7)
+        assert os.getpriority(os.PRIO_PROCESS, 0) == before
+    finally:
+        log.stop(checkpoint=False)
+
+
 def test_writer_lanes_each_keep_their_own_chain_and_a_marker_waits_for_all(service_pool, keys) -> None:
     """The writer process's pipeline spreads batches over lanes (own chains, own connections); a flush
     marker is released only when every lane has committed what came before it."""
