@@ -132,10 +132,11 @@ def writer_burst(pool: Any, n: int, var_dir: Path, process: bool) -> dict[str, A
 
 
 class Pacer:
-    """Submits ``rate`` events/s to an AuditLog in 10 ms ticks (a thread), counting what it submitted.
+    """Submits ``rate`` events/s to an AuditLog every TICK from a thread, counting what it submitted.
 
-    ``active`` pauses and resumes it (the match comparison toggles the load); a pause, or a stall of
-    the whole process (SIGSTOP), is never made up for with a burst: the schedule restarts."""
+    ``active`` pauses and resumes it (the match comparison toggles the load; paused, it still wakes every
+    TICK, so both phases carry the same apparatus); a pause or a stall is never made up for with a
+    burst: the schedule restarts."""
 
     def __init__(self, log: Any, rate: int) -> None:
         self.log, self.rate = log, rate
@@ -149,11 +150,10 @@ class Pacer:
         events = [_event(i) for i in range(max(1, round(self.rate * TICK)))]
         start, tick = time.perf_counter(), 0
         while not self.stop.is_set():
-            if not self.active.is_set():
-                while not self.active.wait(0.05):
-                    if self.stop.is_set():
-                        return
+            if not self.active.is_set():  # paused: keep the same wake-ups, submit nothing
+                time.sleep(TICK)
                 start, tick = time.perf_counter(), 0
+                continue
             for e in events:
                 self.log.submit(e)
             self.submitted += len(events)
