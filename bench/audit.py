@@ -460,8 +460,8 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
             elif load == "other_process":
                 proc.terminate()
                 submitted = int((proc.communicate(timeout=60)[0].strip().splitlines() or ["0"])[-1])
-        if load not in ("cpu_burn", "other_process"):
-            submitted = pacer.submitted
+            else:
+                submitted = pacer.submitted  # paused since the last switch
         assert log.flush(120)
         base, loaded, halves = split_by_phase(calls, switches, end, SETTLE)
         b, lo = stats(base), stats(loaded)
