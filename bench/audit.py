@@ -178,7 +178,7 @@ class Pacer:
 class LoopPacer:
     """Submits ``rate`` events/s from the API server's own event loop, where ``/v1/match`` submits each
     match's event: every TICK the events then due run as one callback between requests, as other
-    requests' events would. Same ``active``/``submitted``/context interface as Pacer."""
+    requests' events would. Pacer's ``active``, ``submitted`` and context use, no ``seconds``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, log: Any, rate: int) -> None:
         self.loop, self.log, self.rate = loop, log, rate
@@ -208,8 +208,6 @@ class LoopPacer:
         self.loop.call_at(now + TICK, self._tick)
 
     def __enter__(self) -> LoopPacer:
-        self.t0 = time.perf_counter()
-        self._start = 0.0
         self.loop.call_soon_threadsafe(self._begin)
         return self
 
@@ -221,7 +219,6 @@ class LoopPacer:
         done = threading.Event()
         self.loop.call_soon_threadsafe(lambda: (setattr(self, "_stopped", True), done.set()))
         done.wait(10)
-        self.seconds = time.perf_counter() - self.t0
 
 
 def writer_paced(pool: Any, rate: int, seconds: float, warmup: float = 2.0) -> dict[str, Any]:
