@@ -109,6 +109,7 @@ class Settings(BaseSettings):
     audit_block_seconds: float = 0.25
     audit_writer_process: bool = True
     audit_writer_nice: int = Field(default=19, ge=0, le=19)
+    audit_writer_idle: bool = True
     audit_writer_lanes: int = Field(default=1, ge=1, le=8)
     audit_tx_chains: int = Field(default=8, ge=1, le=8)
     audit_match_actions: list[str] = Field(default_factory=lambda: ["match", "match.batch"])

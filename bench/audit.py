@@ -350,7 +350,7 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
     import uvicorn
 
     from appliance.api.app import create_app
-    from appliance.audit.log import audit_log
+    from appliance.audit.log import BACKPRESSURE, DROPPED, audit_log
 
     app = create_app(settings)
     port = free_port()
@@ -409,6 +409,7 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
         that the machine's drift, which here moves the p99 by tens of percent within minutes, falls on
         both sides alike. Each call counts for the phase it started in; calls starting within SETTLE s
         after a switch (the load starting up or draining) count for neither."""
+        bp0, dropped0 = BACKPRESSURE._value.get(), DROPPED._value.get()  # this process's submitters only
         with contextlib.ExitStack() as cleanup:  # a failed client must not leave a stopped burner behind
             if load == "cpu_burn":
                 proc = subprocess.Popen([sys.executable, "-c", _BURN])
@@ -464,6 +465,8 @@ def match_latency(settings: Any, stack: Any, seconds: float, rounds: int, rates:
         b, lo = stats(base), stats(loaded)
         return {"without_audit_load": b, "with_audit_load": lo,
                 "audit_load_events_per_s": round(submitted / on_seconds) if on_seconds else 0,
+                "backpressure_waits": int(BACKPRESSURE._value.get() - bp0),
+                "dropped": int(DROPPED._value.get() - dropped0),
                 "p99_increase_pct": rise(base, loaded, 99),
                 "p99_increase_pct_first_and_second_half": [rise(*halves[0], 99), rise(*halves[1], 99)],
                 "p90_increase_pct": rise(base, loaded, 90), "p50_increase_pct": rise(base, loaded, 50)}

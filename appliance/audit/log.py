@@ -191,6 +191,7 @@ class AuditLog:
         chain_base: str | None = None,
         writer_process: bool = False,
         writer_nice: int = 19,
+        writer_idle: bool = True,
         writer_lanes: int = 1,
     ) -> None:
         self.pool = pool
@@ -207,6 +208,7 @@ class AuditLog:
         self.writer_process = writer_process and ring_available()
         _LOGS.add(self)
         self.writer_nice = writer_nice
+        self.writer_idle = writer_idle
         self.writer_lanes = max(1, writer_lanes)
         self.child: WriterProcess | None = None
         self._ring: Ring | None = None  # process mode: set once the writer process is started
@@ -334,7 +336,7 @@ class AuditLog:
         ring = Ring.create(self.queue_size)
         child = WriterProcess(
             ChildConfig(self.pool.conninfo, self.chain_base, self.tx_chains, self.match_actions, self.writer_nice,
-                        self.writer_lanes, self.batch_max, self.flush_interval),
+                        self.writer_lanes, self.batch_max, self.flush_interval, self.writer_idle),
             ring, on_flushed=self._flushed, on_written=self._written)
         child.start()
         self.child = child
@@ -637,5 +639,6 @@ def new_audit_log(state: Any) -> AuditLog:
         checkpoint_interval=s.audit_checkpoint_interval,
         writer_process=s.audit_writer_process,
         writer_nice=s.audit_writer_nice,
+        writer_idle=s.audit_writer_idle,
         writer_lanes=s.audit_writer_lanes,
     )

@@ -49,6 +49,7 @@ class ChildConfig:
     lanes: int = 1
     batch_max: int = 5_000
     flush_interval: float = 0.2
+    idle: bool = True  # SCHED_IDLE: any runnable task of normal priority preempts the writer at once
 
 
 class _Duplex:
@@ -93,9 +94,7 @@ def child_main(read_fd: int, write_fd: int, ring_fd: int) -> None:
     config: ChildConfig = pickle.loads(conn.recv_bytes())  # noqa: S301 - our own anonymous pipe
     ring = Ring.attach(ring_fd)
 
-    if config.nice:
-        with contextlib.suppress(OSError):
-            os.nice(config.nice)
+    lower_priority(config.nice, config.idle)
 
     # Each event becomes a fresh tuple and dict that lives only until its batch is formatted: with the
     # default thresholds the young-generation collector walks them ~every 700 allocations. Nothing here
@@ -170,6 +169,24 @@ def child_main(read_fd: int, write_fd: int, ring_fd: int) -> None:
         raise
     finally:
         pool.close()
+
+
+def lower_priority(nice: int, idle: bool) -> None:
+    """Make this process (and the threads it starts later) yield the CPU to the match path.
+
+    Why SCHED_IDLE on top of nice: the kernel's EEVDF scheduler lets a running task finish its slice
+    (about a millisecond) before a woken task of *any* weight takes its CPU, so a nice-19 writer that
+    holds a core when a match request arrives still delays it; a SCHED_IDLE task is preempted at once.
+    Lowering a priority needs no privilege; where it is refused (a seccomp filter), nice still applies.
+    """
+    if nice:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
+    if idle and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:
+            log.warning("audit: writer process could not switch to SCHED_IDLE; nice only", error=str(exc))
 
 
 class _Release:

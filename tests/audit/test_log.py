@@ -93,20 +93,26 @@ def test_a_killed_writer_process_is_replaced_and_the_chain_goes_on(service_pool,
             _assert_chained(rows)
 
 
-def test_the_writer_process_runs_at_its_niceness_and_the_api_process_keeps_its_own(service_pool, keys) -> None:
-    """The child lowers only its own CPU priority, so a match wins a contended core against it."""
+@pytest.mark.parametrize("idle", [True, False])
+def test_the_writer_process_runs_at_its_niceness_and_the_api_process_keeps_its_own(service_pool, keys,
+                                                                                    idle: bool) -> None:
+    """The child lowers only its own CPU priority (nice, and SCHED_IDLE unless told not to), so a match
+    wins a contended core against it at once."""
     import os
 
     from appliance.audit.log import AuditLog
 
     before = os.getpriority(os.PRIO_PROCESS, 0)
+    policy = os.sched_getscheduler(0)
     log = AuditLog(service_pool, keys=lambda: keys, flush_interval=0.02, checkpoint_interval=0, writer_process=True,
-                   writer_nice=7)
+                   writer_nice=7, writer_idle=idle)
     try:
         log.submit(AuditEvent("match", "apikey:test", outcome="unknown"))
-        assert log.flush(20)  # the child has read its config and written: os.nice() ran before that
+        assert log.flush(20)  # the child has read its config and written: its priority was set before that
         assert os.getpriority(os.PRIO_PROCESS, log.child.pid) == min(19, before + 7)
+        assert os.sched_getscheduler(log.child.pid) == (os.SCHED_IDLE if idle else policy)
         assert os.getpriority(os.PRIO_PROCESS, 0) == before
+        assert os.sched_getscheduler(0) == policy
     finally:
         log.stop(checkpoint=False)
 

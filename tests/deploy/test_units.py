@@ -115,6 +115,13 @@ def test_service_is_hardened_by_allow_list(unit):
     assert service["IPAddressAllow"] == ["localhost"], "only loopback in the unit; sites add networks"
 
 
+def test_the_api_unit_lets_the_audit_writer_lower_its_own_priority():
+    """The writer child calls setpriority and sched_setscheduler(SCHED_IDLE); @resources is denied."""
+    service = parse_unit(UNIT_DIR / "appliance.service")["Service"]
+    allowed = {name for line in service["SystemCallFilter"] if not line.startswith("~") for name in line.split()}
+    assert {"setpriority", "sched_setscheduler"} <= allowed
+
+
 @pytest.mark.parametrize("unit", SERVICES)
 def test_service_may_write_only_the_data_directory(unit):
     service = parse_unit(UNIT_DIR / unit)["Service"]
