@@ -13,7 +13,7 @@ The latency client is a separate process with one keep-alive connection and a pr
 timing sequential calls back to back, and (``--client-rate``, default 200/s) paced like a camera
 pipeline. It runs throughout a comparison while the load is switched on and off every
 ``--phase-seconds`` in ABBA order; each call counts for the phase it started in. On this shared VM the
-p99 of a 0.6 ms call drifts by tens of percent within minutes, so short interleaved phases (drift
+p99 of a sub-millisecond call drifts by tens of percent within minutes, so short interleaved phases (drift
 falls on both sides alike) and ``--repeat`` runs, reported one by one with their median, replace long
 single phases.
 """
@@ -278,6 +278,11 @@ def _client(port: int, token: str, seconds: float, probe: list[float], rate: flo
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     out: list[tuple[float, float]] = []
 
+    def more(data: bytes) -> bytes:
+        if not (chunk := sock.recv(65536)):
+            raise SystemExit("server closed the connection")
+        return data + chunk
+
     def call() -> None:
         # One prepared request, one send, a minimal reader: http.client's per-call parsing would cost
         # the client ~0.1 ms of the very CPU the server and the writer are measured on.
@@ -285,14 +290,10 @@ def _client(port: int, token: str, seconds: float, probe: list[float], rate: flo
         sock.sendall(request)
         data = b""
         while (head_end := data.find(b"\r\n\r\n")) < 0:
-            if not (chunk := sock.recv(65536)):
-                raise SystemExit("server closed the connection")
-            data += chunk
+            data = more(data)
         length = int(data[:head_end].lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
         while len(data) < head_end + 4 + length:
-            if not (chunk := sock.recv(65536)):
-                raise SystemExit("server closed the connection")
-            data += chunk
+            data = more(data)
         out.append((t, (time.perf_counter() - t) * 1000))
         if not data.startswith(b"HTTP/1.1 200"):
             raise SystemExit(f"match returned {data[:head_end].decode(errors='replace')}")
