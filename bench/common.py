@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from appliance.stack.process import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MODEL = "dlib-resnet-v1"
@@ -40,12 +42,6 @@ def settings_of(stack: Any) -> Any:
     values = tomllib.loads(Path(stack.config_file).read_text())
     values.pop("port", None)
     return Settings(**values, log_json=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def api_key(stack: Any, scopes: list[str], name: str) -> str:

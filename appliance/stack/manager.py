@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import secrets
 import sys
@@ -32,6 +33,7 @@ from appliance.stack.process import (
 from appliance.stack.services import BIN, LocalService, ObjectStore, Postgres, Redis, Vault
 
 SERVICE_ROLE = "appliance"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class Stack:
     # --- commands ------------------------------------------------------------------------
     def up(self, with_api: bool = False) -> None:
         with self._locked():
-            taken: set[int] = set()
+            taken = {p for service in self.services for p in service.ports()} | {self._state["api"]["port"]}
             for service in self.services:
                 service.allocate(lambda: free_port(taken))
             self._save()
@@ -93,6 +95,8 @@ class Stack:
                         continue
                     if service.running():
                         service.stop()
+                    for note in service.move_busy_ports(lambda: free_port(taken)):
+                        log.warning("stack: port taken by another program, moved: %s", note)
                     service.start()
                     self._save()
                 self._provision()

@@ -22,6 +22,7 @@ from appliance.stack.process import (
     StackError,
     pid_alive,
     pid_cmdline,
+    port_free,
     port_open,
     spawn,
     stop_pid,
@@ -72,6 +73,17 @@ class LocalService(ABC):
 
     def ports(self) -> list[int]:
         return [v for k, v in self.state.items() if k.endswith("port")]
+
+    def move_busy_ports(self, take_port: Any) -> list[str]:
+        """Before a start: give each port another program now holds a fresh one, so a stopped service
+        comes back (the settings file is rewritten after every start) instead of exiting at bind."""
+        moved = []
+        for key in [k for k in self.state if k.endswith("port")]:
+            old = self.state[key]
+            if not port_free(old):
+                self.state[key] = take_port()
+                moved.append(f"{self.name} {key} {old} -> {self.state[key]}")
+        return moved
 
 
 class Postgres(LocalService):
@@ -126,10 +138,10 @@ class Postgres(LocalService):
             log.touch()
         self._chown(log, ids)
         _clear_stale_postmaster_pid(data)
-        spawn([str(self.bindir / "postgres"), "-D", str(data), *opts.split()], log, preexec_user=ids)
-        wait_until(lambda: (data / "postmaster.pid").exists(), 20, "postgres to write its pid file")
+        pid = spawn([str(self.bindir / "postgres"), "-D", str(data), *opts.split()], log, preexec_user=ids)
+        wait_until(lambda: (data / "postmaster.pid").exists(), 20, "postgres to write its pid file", pid=pid, log=log)
         self.state["pid"] = int((data / "postmaster.pid").read_text().split()[0])
-        wait_until(self.healthy, 30, "postgres to accept connections")
+        wait_until(self.healthy, 30, "postgres to accept connections", pid=self.state["pid"], log=log)
 
     def _initdb(self, data: Path, ids: tuple[int, int] | None) -> None:
         password = secrets.token_urlsafe(24)
@@ -239,8 +251,9 @@ class Redis(LocalService):
             "--protected-mode", "yes",
             "--daemonize", "no",
         ]
-        self.state["pid"] = spawn(argv, self.dir / "redis.log")
-        wait_until(self.healthy, 15, "redis to answer PING")
+        log = self.dir / "redis.log"
+        self.state["pid"] = spawn(argv, log)
+        wait_until(self.healthy, 15, "redis to answer PING", pid=self.state["pid"], log=log)
 
     def url(self) -> str:
         return f"redis://{LOOPBACK}:{self.state['port']}/0"
@@ -309,8 +322,9 @@ class ObjectStore(LocalService):
             "-s3.port.lance=0",
         ]
         env = {**os.environ, "HOME": str(self.dir), "TMPDIR": str(self.dir)}
-        self.state["pid"] = spawn(argv, self.dir / "weed.log", env=env, cwd=self.dir)
-        wait_until(self.healthy, 60, "SeaweedFS S3 to answer with our credentials")
+        log = self.dir / "weed.log"
+        self.state["pid"] = spawn(argv, log, env=env, cwd=self.dir)
+        wait_until(self.healthy, 60, "SeaweedFS S3 to answer with our credentials", pid=self.state["pid"], log=log)
 
     def endpoint(self) -> str:
         return f"{LOOPBACK}:{self.state['port']}"
@@ -373,11 +387,12 @@ class Vault(LocalService):
                 f"-dev-listen-address={LOOPBACK}:{self.state['port']}",
                 "-dev-no-store-token",
             ]
-        self.state["pid"] = spawn(argv, self.dir / "bao.log", env=env, cwd=self.dir)
-        wait_until(lambda: port_open(self.state["port"]), 30, "OpenBao to listen")
+        log = self.dir / "bao.log"
+        pid = self.state["pid"] = spawn(argv, log, env=env, cwd=self.dir)
+        wait_until(lambda: port_open(self.state["port"]), 30, "OpenBao to listen", pid=pid, log=log)
         if self.state["persistent"]:
             self._init_and_unseal()
-        wait_until(self.healthy, 30, "OpenBao to be unsealed and active")
+        wait_until(self.healthy, 30, "OpenBao to be unsealed and active", pid=pid, log=log)
 
     def _write_config(self) -> Path:
         (self.dir / "raft").mkdir(exist_ok=True, mode=0o700)

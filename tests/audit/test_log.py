@@ -12,6 +12,7 @@ from psycopg.rows import dict_row
 from appliance.audit import AuditEvent
 from appliance.audit.chain import ZERO_HASH, canonical_json, header_hash, header_of, unpack_bytes
 from appliance.audit.export import records_of
+from tests.freeze import freeze
 
 
 def _chain_rows(conn, chain):  # type: ignore[no-untyped-def]
@@ -299,7 +300,7 @@ def test_events_a_killed_writer_had_not_committed_are_written_by_its_successor(s
         log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": -1}))
         assert log.flush(20)
         first = log.child.pid
-        os.kill(first, signal.SIGSTOP)
+        freeze(first)
         for i in range(500):
             log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": i}))
         assert log.queue_depth == 500  # nothing released while the child is stopped
@@ -330,7 +331,7 @@ def test_a_full_ring_applies_back_pressure_and_the_writer_catches_up(service_poo
     try:
         log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": -1}))
         assert log.flush(20)
-        os.kill(log.child.pid, signal.SIGSTOP)
+        freeze(log.child.pid)
         for i in range(8000):  # ~180 bytes each: more than the 1 MiB smallest ring holds
             log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"i": i, "pad": "x" * 64}))
         kept = log.queue_depth
@@ -353,8 +354,6 @@ def test_a_full_ring_applies_back_pressure_and_the_writer_catches_up(service_poo
 def test_stop_writes_directly_what_a_stuck_writer_left_in_the_ring(service_pool, keys) -> None:
     """A writer process that does not stop in time is killed; stop() writes its uncommitted events on a
     transaction chain itself, so a shutdown loses none."""
-    import os
-    import signal
 
     from appliance.audit.log import AuditLog
 
@@ -362,7 +361,7 @@ def test_stop_writes_directly_what_a_stuck_writer_left_in_the_ring(service_pool,
     log = AuditLog(service_pool, keys=lambda: keys, flush_interval=0.02, checkpoint_interval=0, writer_process=True)
     log.submit(AuditEvent("match", "apikey:test", outcome="unknown"))
     assert log.flush(20)
-    os.kill(log.child.pid, signal.SIGSTOP)
+    freeze(log.child.pid)
     for i in range(50):
         log.submit(AuditEvent("match", "apikey:test", outcome="unknown", details={"run": run, "i": i}))
     log.stop(checkpoint=False, timeout=1)

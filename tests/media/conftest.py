@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from appliance.stack.process import free_port
 from media.store import MediaStore
 
 
@@ -31,12 +31,6 @@ def media_store(settings, client) -> MediaStore:  # type: ignore[no-untyped-def]
     return MediaStore(clients.s3_client(settings), settings.s3_bucket)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class LiveServer:
     def __init__(self, url: str, proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
         self.url, self.proc = url, proc
@@ -49,7 +43,7 @@ class LiveServer:
 @contextlib.contextmanager
 def serve(config_file: Path, log: Path) -> Iterator[LiveServer]:
     """``appliance serve`` in a child process against the test stack, stopped by its own PID."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "APPLIANCE_CONFIG": str(config_file), "APPLIANCE_LOG_LEVEL": "WARNING"}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--port", str(port), "--workers", "1"],

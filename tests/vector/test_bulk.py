@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import numpy as np
 import psycopg
 
+from appliance.stack.process import free_port
 from tests.vector.conftest import MODEL, unit, wait_until
 
 
@@ -62,12 +62,6 @@ def test_bulk_line_errors_name_the_line_and_keep_earlier_chunks(ready_client, en
     assert r.status_code == 422 and r.json()["line"] == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(config_file: str, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "APPLIANCE_CONFIG": str(config_file), "APPLIANCE_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--port", str(port), "--workers", "1"],
@@ -87,7 +81,7 @@ def test_killed_mid_bulk_leaves_no_unaudited_encoding_and_retry_completes(stack,
     tag = f"crash-{uuid.uuid4().hex[:8]}"
     lines = _lines(tag, 2500, 22)
     headers = {**enroll_headers, "Idempotency-Key": tag, "Content-Type": "application/x-ndjson"}
-    port = _free_port()
+    port = free_port()
     proc = _serve(stack.config_file, port)
 
     def slow_body() -> Iterator[bytes]:
