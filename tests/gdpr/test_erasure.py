@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -86,14 +87,20 @@ def test_no_match_returns_the_subject_once_erasure_returns(gdpr_client, admin_he
                 c["subject_id"] == subject["id"] for c in body["candidates"])
             results.append((started, found))
 
+    def wait_for(condition: Callable[[], bool]) -> None:
+        """Wait on the loops' progress, not on the clock: a slow host only makes this take longer."""
+        deadline = time.monotonic() + 60
+        while not condition() and time.monotonic() < deadline and all(t.is_alive() for t in threads):
+            time.sleep(0.02)
+
     threads = [threading.Thread(target=loop) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    wait_for(lambda: sum(found for _, found in results) >= 3)
     r = gdpr_client.delete(f"/v1/subjects/{subject['id']}", headers=admin_headers)
     returned = time.monotonic()
     assert r.status_code == 200, r.text
-    time.sleep(0.5)
+    wait_for(lambda: sum(started > returned for started, _ in results) >= 30)
     stop.set()
     for t in threads:
         t.join()
