@@ -4,6 +4,11 @@ Reports OK, or each problem with its line: a record changed (its content no long
 hash, or a signed checkpoint disagrees), inserted (a duplicate ``seq`` outside the chain), removed
 (a gap in ``seq``), reordered (``seq`` out of order), a chain cut short (a signed checkpoint covers
 records that are missing), a chain start without an anchor, or a file cut short (no signed end line).
+
+Only a pinned public key (obtained apart from the file) can say OK: anyone who edits an export can
+re-sign it with their own key and embed that key. Without one, the checks run against the embedded key
+and the summary says NOT VERIFIED, never OK. The key ids in the header, checkpoints and end line must
+name the key that checks them.
 Needs only ``cryptography`` and the standard library, so an auditor can read and run it.
 """
 
@@ -20,9 +25,10 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 
 from appliance.audit.chain import ZERO_HASH, checkpoint_message, header_hash, header_of, subject_digest
+from appliance.audit.checkpoints import key_fingerprint
 from appliance.audit.export import CSV_COLUMNS, EXPORT_FORMAT, end_message
 
 _STUB_FIELDS = ("v", "chain", "seq", "ts", "class", "action", "outcome", "subj", "body", "prev")
@@ -46,19 +52,30 @@ class Report:
     stubs: int = 0
     checkpoints: int = 0
     chains: int = 0
+    pinned: bool = True  # False: checked against the key embedded in the file, which proves no origin
+    key_id: str = ""  # the id of the key the signatures were checked against
 
     @property
     def ok(self) -> bool:
+        """No problem found; says nothing about who signed unless ``pinned`` (see ``verified``)."""
         return not self.problems
+
+    @property
+    def verified(self) -> bool:
+        return self.ok and self.pinned
 
     def add(self, kind: str, message: str, line: int | None = None) -> None:
         self.problems.append(Problem(kind, message, line))
 
     def summary(self) -> str:
-        if self.ok:
-            return (f"OK: {self.records} records, {self.stubs} stubs in {self.chains} chains; "
-                    f"{self.checkpoints} signed checkpoints verified")
-        return f"FAILED: {len(self.problems)} problem(s)"
+        if not self.ok:
+            return f"FAILED: {len(self.problems)} problem(s)" + ("" if self.pinned else " (and no pinned key)")
+        counts = f"{self.records} records, {self.stubs} stubs in {self.chains} chains"
+        if not self.pinned:
+            return (f"NOT VERIFIED: {counts} are consistent with the key embedded in the file (key id "
+                    f"{self.key_id}), but anyone can re-sign an edited export with their own key; pass the "
+                    "appliance's public key with --public-key to verify")
+        return f"OK: {counts}; {self.checkpoints} signed checkpoints verified with key {self.key_id}"
 
 
 @dataclass
@@ -82,6 +99,11 @@ def _load_key(pem: bytes | str) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError("the public key is not an Ed25519 key")
     return key
+
+
+def _key_id(key: Ed25519PublicKey) -> str:
+    """The appliance's key id (``key_fingerprint``) of ``key``, whatever the PEM's line endings."""
+    return key_fingerprint(key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
 
 
 def _valid(key: Ed25519PublicKey, signature_hex: str, message: bytes) -> bool:
@@ -128,18 +150,33 @@ def _parse(data: bytes, report: Report) -> tuple[list[tuple[int, dict[str, Any]]
     return out, end_offset
 
 
-def verify_export(data: bytes, public_key_pem: bytes | str | None = None) -> Report:
-    """Check every record, link, checkpoint and the end signature of an export; see the module doc."""
-    report = Report()
+def verify_export(data: bytes, public_key_pem: bytes | str | None) -> Report:
+    """Check every record, link, checkpoint and the end signature of an export; see the module doc.
+
+    ``public_key_pem`` is the pinned key; None checks against the embedded key (``report.pinned`` False).
+    Raises ValueError if the pinned key is not an Ed25519 public key.
+    """
+    report = Report(pinned=public_key_pem is not None)
+    key = _load_key(public_key_pem) if public_key_pem is not None else None
     objects, end_offset = _parse(data, report)
     if not objects or objects[0][1].get("type") != "header" or objects[0][1].get("format") != EXPORT_FORMAT:
         report.add("format", "no export header on the first line: not an appliance audit export")
         return report
     header = objects[0][1]
-    pem = public_key_pem or header.get("public_key_pem", "")
-    if public_key_pem is None:
-        report.warnings.append("using the public key embedded in the export; pass --public-key to pin it")
-    key = _load_key(pem)
+    try:
+        embedded: Ed25519PublicKey | None = _load_key(header.get("public_key_pem") or "")
+    except ValueError:
+        embedded = None
+    if key is None:
+        if embedded is None:
+            report.add("format", "the header embeds no Ed25519 public key and none was pinned")
+            return report
+        key = embedded
+    report.key_id = _key_id(key)
+    if embedded is None or _key_id(embedded) != report.key_id or header.get("key_id") != report.key_id:
+        report.add("signature", f"the header names signing key {header.get('key_id')!r} and embeds "
+                                f"{'a different' if embedded is not None else 'no'} public key; the pinned "
+                                f"key is {report.key_id!r} (re-signed by another key?)", objects[0][0])
     filters = header.get("filters") or {}
     entries: dict[str, list[_Entry]] = defaultdict(list)
     checkpoints: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
@@ -210,7 +247,11 @@ def _check_checkpoint(key: Ed25519PublicKey, line: int, cp: dict[str, Any],
                       checkpoints: dict[str, list[tuple[int, dict[str, Any]]]], report: Report) -> None:
     if not _valid(key, cp["signature"], checkpoint_message(cp)):
         report.add("signature", f"checkpoint of chain {cp['chain']} at seq {cp['seq']} has an invalid signature "
-                                "(changed, or signed by another key)", line)
+                                f"(changed, or signed by another key: it names key {cp.get('key_id')!r})", line)
+        return
+    if cp.get("key_id") != report.key_id:
+        report.add("signature", f"checkpoint of chain {cp['chain']} at seq {cp['seq']} names signing key "
+                                f"{cp.get('key_id')!r}, not {report.key_id!r}", line)
         return
     report.checkpoints += 1
     checkpoints[cp["chain"]].append((line, cp))
@@ -294,7 +335,10 @@ def _check_end(data: bytes, end_offset: int | None, end: tuple[int, dict[str, An
         report.add("format", "lines follow the end line", line)
     sha = hashlib.sha256(data[:end_offset]).hexdigest()
     if not _valid(key, obj.get("signature", ""), end_message(obj.get("sha256", ""), int(obj.get("lines", -1)))):
-        report.add("signature", "the end line's signature is invalid (changed, or signed by another key)", line)
+        report.add("signature", "the end line's signature is invalid (changed, or signed by another key: it "
+                                f"names key {obj.get('key_id')!r})", line)
+    elif obj.get("key_id") != report.key_id:
+        report.add("signature", f"the end line names signing key {obj.get('key_id')!r}, not {report.key_id!r}", line)
     elif sha != obj.get("sha256"):
         if not report.problems:
             report.add("changed", "the file's bytes differ from what was signed (a line was altered)", line)

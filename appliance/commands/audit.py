@@ -56,23 +56,52 @@ def export(
         typer.echo(f"exported to {out}", err=True)
 
 
+# `audit verify` exit codes; documented in the command's help and in README.md ("Verify, offline").
+VERIFIED, PROBLEMS, REFUSED, NOT_VERIFIED = 0, 1, 2, 3
+
+
 @app.command()
 def verify(
     file: Annotated[Path, typer.Argument(help="An export written by `appliance audit export` or the API.")],
     public_key: Annotated[Path | None, typer.Option(help="The appliance's public key (PEM), obtained separately.")
                           ] = None,
+    no_signature_check: Annotated[bool, typer.Option(
+        "--no-signature-check",
+        help="Without a pinned key: check the file's consistency against the key it embeds and print NOT "
+             "VERIFIED (exit 3), since anyone can re-sign an edited export.")] = False,
 ) -> None:
-    """Verify an export offline (no database): OK, or exactly what was changed, removed, inserted or cut."""
+    """Verify an export offline (no database) against a pinned public key.
+
+    Prints OK, or exactly what was changed, removed, inserted or cut. Exit 0: verified; 1: problems
+    found; 2: refused (no --public-key, or an unreadable key); 3: --no-signature-check found no
+    problem, but nothing is verified.
+    """
     from appliance.audit.verify import verify_export
 
-    report = verify_export(file.read_bytes(), public_key.read_bytes() if public_key else None)
+    if public_key is None and not no_signature_check:
+        typer.secho("REFUSED: no pinned public key. An export embeds its own key, and anyone who edits it can "
+                    "re-sign it with theirs, so only a key obtained separately (GET /v1/audit/public-key, "
+                    "`appliance keys export-public-key`) can verify it. Pass --public-key, or "
+                    "--no-signature-check to check consistency only (NOT VERIFIED).", fg=typer.colors.RED, err=True)
+        raise typer.Exit(REFUSED)
+    if public_key is not None and no_signature_check:
+        typer.secho("REFUSED: --public-key and --no-signature-check contradict each other", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(REFUSED)
+    try:
+        report = verify_export(file.read_bytes(), public_key.read_bytes() if public_key else None)
+    except (OSError, ValueError) as exc:  # unreadable file, or a pinned key that is not Ed25519 PEM
+        typer.secho(f"REFUSED: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(REFUSED) from exc
     for problem in report.problems:
         typer.secho(f"{problem.kind.upper():10} {problem}", fg=typer.colors.RED)
     for warning in report.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(report.summary())
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(PROBLEMS)
+    if not report.verified:
+        raise typer.Exit(NOT_VERIFIED)
 
 
 @app.command()

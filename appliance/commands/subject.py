@@ -50,17 +50,29 @@ def erase(
 
 @app.command("verify-receipt")
 def verify_receipt(
-    file: Annotated[Path, typer.Argument(help="JSON with 'receipt' and 'signature' (as `subject erase` prints).")],
-    public_key: Annotated[Path, typer.Option(help="The appliance's public key (PEM).")],
+    file: Annotated[Path, typer.Argument(help="The JSON body of DELETE /v1/subjects/{id} or GET /v1/erasures/{id}, "
+                                              "the output of `subject erase`, or a {receipt, signature} file.")],
+    public_key: Annotated[Path, typer.Option(help="The appliance's public key (PEM), obtained separately.")],
 ) -> None:
-    """Check an erasure receipt's signature offline."""
-    from appliance.gdpr.receipts import verify_receipt as check
+    """Check an erasure receipt offline against a pinned key.
 
-    data = json.loads(file.read_text())
-    if not check(data["receipt"], data["signature"], public_key.read_bytes()):
-        typer.secho("INVALID: the receipt does not match its signature under this key", fg=typer.colors.RED)
+    Exit 0: valid; 1: invalid (changed, another key, or unsigned fields that contradict it);
+    2: nothing checkable (unreadable file or key, no receipt yet, no or two different signatures).
+    """
+    from appliance.gdpr.receipts import check_receipt_document
+
+    try:
+        check = check_receipt_document(json.loads(file.read_text()), public_key.read_bytes())
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError and ReceiptDocumentError are ValueErrors
+        typer.secho(f"CANNOT CHECK: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+    if not check.ok:
+        for problem in check.problems:
+            typer.secho(f"INVALID: {problem}", fg=typer.colors.RED)
         raise typer.Exit(1)
-    typer.echo(f"OK: receipt of job {data['receipt']['job_id']} for subject {data['receipt']['subject_id']}")
+    receipt = check.receipt
+    typer.echo(f"OK: receipt of job {receipt['job_id']} for subject {receipt['subject_id']}, erased at "
+               f"{receipt.get('erased_at')}, signed by key {receipt['signing_key_id']}")
 
 
 @app.command()
