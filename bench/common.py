@@ -249,3 +249,40 @@ def wrk_run(port: int, path: str, bodies: list[bytes], token: str, connections: 
     return {"n": raw["requests"], "p50_ms": round(raw["p50_us"] / 1e3, 3), "p99_ms": round(raw["p99_us"] / 1e3, 3),
             "per_second": round(raw["requests"] / raw["seconds"], 1), "non_2xx": raw["non_2xx"],
             "socket_errors": raw["socket_errors"], "load_generator": f"wrk -t{threads} -c{connections}"}
+
+
+class WrkLoad:
+    """wrk driving ``path`` from now until ``stop()`` (SIGINT: wrk stops and still reports), for a load
+    that must last exactly as long as a measurement made beside it, not a fixed duration."""
+
+    def __init__(self, port: int, path: str, bodies: list[bytes], token: str, connections: int, threads: int = 1,
+                 ctype: str = "application/octet-stream") -> None:
+        import tempfile
+
+        size = len(bodies[0])
+        assert all(len(b) == size for b in bodies)
+        self._tmp = tempfile.TemporaryDirectory()
+        tmp = Path(self._tmp.name)
+        script, blob, self._out = tmp / "load.lua", tmp / "bodies.bin", tmp / "out.json"
+        script.write_text(WRK_SCRIPT)
+        blob.write_bytes(b"".join(bodies))
+        env = {**os.environ, "WRK_BODIES": str(blob), "WRK_BODY_SIZE": str(size), "WRK_PATH": path,
+               "WRK_TOKEN": token, "WRK_CTYPE": ctype, "WRK_OUT": str(self._out)}
+        self.generator = f"wrk -t{threads} -c{connections}"
+        self._proc = subprocess.Popen(["wrk", f"-t{threads}", f"-c{connections}", "-d86400s", "--timeout", "5s",
+                                       "-s", str(script), f"http://127.0.0.1:{port}"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def stop(self) -> dict[str, Any]:
+        """Stop wrk; its counts and latency percentiles over the whole run (as ``wrk_run`` reports)."""
+        self._proc.send_signal(signal.SIGINT)
+        _, err = self._proc.communicate(timeout=60)
+        try:
+            if self._proc.returncode != 0 or not self._out.exists():
+                raise RuntimeError(f"wrk failed ({self._proc.returncode}): {err.strip()[-500:]}")
+            raw = json.loads(self._out.read_text())
+        finally:
+            self._tmp.cleanup()
+        return {"n": raw["requests"], "p50_ms": round(raw["p50_us"] / 1e3, 3),
+                "p99_ms": round(raw["p99_us"] / 1e3, 3), "per_second": round(raw["requests"] / raw["seconds"], 1),
+                "non_2xx": raw["non_2xx"], "socket_errors": raw["socket_errors"], "load_generator": self.generator}
