@@ -6,7 +6,8 @@ sends the same body with the same key: the first ``lines_done`` lines are skippe
 completes it, so no line is enrolled twice and no encoding ever lacks its audit record.
 
 Line format: ``{"subject_id": uuid | "external_ref": str, "model": str, "vector": [floats]}``;
-an ``external_ref`` not seen before creates the subject.
+an ``external_ref`` not seen before creates the subject. Lines are validated strictly (no other keys,
+numbers are numbers, no control characters in text) so a bad line is a 422 naming it, never a 500.
 """
 
 from __future__ import annotations
@@ -16,12 +17,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic_core import from_json
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from appliance.api.types import FORBIDDEN_TEXT, SafeText
 from appliance.enrolment import check_subjects, ensure_models, publish, write_encodings
 from appliance.errors import BadRequest, Conflict, Unprocessable
 from vector.errors import InvalidVector
 from vector.templates import as_matrix
+
+
+class _LineIn(BaseModel):
+    """One NDJSON line as sent; validated strictly (``"0.1"`` and ``true`` are not numbers)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    subject_id: uuid.UUID | None = None
+    external_ref: SafeText | None = Field(default=None, min_length=1, max_length=200)
+    model: SafeText = Field(min_length=1, max_length=100)
+    vector: list[float]
 
 
 @dataclass
@@ -51,8 +64,8 @@ class BulkEnrolment:
     _pending: list[_Line] = field(default_factory=list)
 
     def begin(self) -> None:
-        if not 1 <= len(self.key) <= 200:
-            raise BadRequest("Idempotency-Key must be 1..200 characters")
+        if not 1 <= len(self.key) <= 200 or FORBIDDEN_TEXT.search(self.key):
+            raise BadRequest("Idempotency-Key must be 1..200 characters, without control characters")
         with self.state.pool.connection() as conn, conn.transaction():
             conn.execute("INSERT INTO bulk_enrolments (idempotency_key, actor) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                          (self.key, self.actor))
@@ -77,21 +90,18 @@ class BulkEnrolment:
     def _parse(self, raw: bytes, line_no: int) -> _Line:
         models = self.state.settings.models
         try:
-            obj = from_json(raw)  # ~5x faster than json.loads for 128 floats
-            model = obj["model"]
-            if model not in models:
-                raise InvalidVector(f"unknown model {model!r}")
-            sid = obj.get("subject_id")
-            ref = obj.get("external_ref")
-            if (sid is None) == (ref is None):
-                raise ValueError("give exactly one of subject_id and external_ref")
-            if ref is not None and not (isinstance(ref, str) and 1 <= len(ref) <= 200):
-                raise ValueError("external_ref must be a string of 1..200 characters")
-            vector = obj["vector"]
-            if not isinstance(vector, list) or len(vector) != models[model].dim:
-                raise InvalidVector(f"expected {models[model].dim} dimensions")
-            return _Line(uuid.UUID(sid) if sid else None, ref, model, vector, line_no)
-        except (InvalidVector, ValueError, KeyError, TypeError, AttributeError) as exc:  # from_json: ValueError
+            obj = _LineIn.model_validate_json(raw, strict=True)  # ~6 µs for 128 floats (from_json alone: ~4)
+            if obj.model not in models:
+                raise InvalidVector(f"unknown model {obj.model!r}")
+            if (obj.subject_id is None) == (obj.external_ref is None):
+                raise InvalidVector("give exactly one of subject_id and external_ref")
+            if len(obj.vector) != models[obj.model].dim:
+                raise InvalidVector(f"expected {models[obj.model].dim} dimensions")
+            return _Line(obj.subject_id, obj.external_ref, obj.model, obj.vector, line_no)
+        except ValidationError as exc:  # never str(exc): it echoes the input, which may be a vector
+            why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in exc.errors()[:5])
+            raise Unprocessable(f"line {line_no}: {why}", line=line_no, lines_committed=self.lines_done) from None
+        except InvalidVector as exc:
             raise Unprocessable(f"line {line_no}: {exc}", line=line_no, lines_committed=self.lines_done) from None
 
     def take(self) -> list[_Line]:

@@ -4,7 +4,8 @@ Images (JPEG, PNG, WebP) are decoded by Pillow behind a pixel cap (decompression
 come out without metadata: EXIF (GPS, camera serials), XMP, IPTC, comments and trailing data are
 dropped. A JPEG whose orientation is already upright is stripped losslessly, segment by segment, so
 a forensic capture keeps its exact pixels; any other image is re-encoded after ``exif_transpose``.
-Clips (MP4, WebM) are checked by container signature only; their bytes are stored as sent.
+Clips (MP4, WebM) are checked by walking their container structure as they stream past
+(``media.containers`` through ``ClipCheckingReader``); their bytes are stored as sent.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
+from media.containers import ClipCheck
 from media.errors import MalformedMedia, MediaTooLarge, UnsupportedMedia
 
 __all__ = [
     "CLIP_TYPES",
     "IMAGE_TYPES",
     "CleanImage",
+    "ClipCheckingReader",
     "check_clip_head",
     "sanitize_image",
     "sniff",
@@ -77,6 +81,44 @@ def check_clip_head(fmt: str, head: bytes) -> None:
             raise UnsupportedMedia(f"EBML DocType {value!r} is not WebM")
         return
     raise UnsupportedMedia(f"{fmt} is not a clip format")
+
+
+class ClipCheckingReader:
+    """A body reader that parses a clip's container while the upload reads it (``media.containers``).
+
+    A signature alone let a 16-byte ``ftyp`` header plus junk be stored as video/mp4. Wrapping the
+    reader keeps clips streamed: ``read`` raises ``MalformedMedia`` at the first impossible box, or
+    at the end of the body (the read that returns ``b""``), before the sealed stream's last segment
+    is written. Images pass through unchanged (they are decoded in full anyway)."""
+
+    def __init__(self, reader: BinaryIO) -> None:
+        self._reader = reader
+        self._head = b""
+        self._check: ClipCheck | None = None
+        self._decided = False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._reader.read(n)
+        if not self._decided:
+            self._head += data
+            if len(self._head) < 12 and data:
+                return data
+            self._decided = True
+            try:
+                fmt = sniff(self._head)
+            except UnsupportedMedia:
+                fmt = ""  # the upload itself answers 415
+            if fmt in CLIP_TYPES:
+                check_clip_head(fmt, self._head)  # another ftyp brand (HEIC …) is 415 before any box is walked
+                self._check = ClipCheck(fmt)
+                self._check.feed(self._head)
+            self._head = b""
+        elif self._check is not None:
+            self._check.feed(data)
+        if not data and self._check is not None:
+            self._check.close()
+            self._check = None
+        return data
 
 
 @dataclass(frozen=True)

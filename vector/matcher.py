@@ -1,7 +1,7 @@
 """Turning raw FAISS hits into an answer: drop tombstoned labels, keep the best encoding per subject.
 
 Pure functions over ``Hits`` so the rules (never return a tombstoned label; one candidate per subject,
-best first) are tested without a server.
+best first; every similarity a finite number in [-1, 1]) are tested without a server.
 """
 
 from __future__ import annotations
@@ -94,6 +94,17 @@ def _best_per_subject_slow(hits: Hits, row: int, labels: list[int], k: int,
     return out, True
 
 
+def finite_similarities(sims: np.ndarray) -> np.ndarray:
+    """Clamp inner products of unit vectors to [-1, 1] in place, NaN becoming -1 (``fmax`` ignores NaN).
+
+    Validated queries and templates are unit vectors, so this only trims rounding; it is the guard
+    that keeps a degenerate stored template (e.g. one enrolled before norms were checked) from ever
+    putting ``inf``/``NaN`` into a reply, which JSON cannot carry."""
+    np.fmax(sims, -1.0, out=sims)
+    np.fmin(sims, 1.0, out=sims)
+    return sims
+
+
 def search_candidates(
     search: Callable[[int], Hits], nq: int, k: int, live: int, dead: Container[int], oversample: int = 4,
     width: int | None = None,
@@ -103,6 +114,7 @@ def search_candidates(
     width = min(live, max(width or 0, k * oversample, k + 8))
     while True:
         hits = search(width)
+        finite_similarities(hits.sims)
         results: list[list[Candidate]] = []
         short = False
         for row in range(nq):

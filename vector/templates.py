@@ -18,11 +18,22 @@ from vector.errors import InvalidVector, UnknownModel
 FLOAT32_LE = np.dtype("<f4")
 
 
+# Every float32 step after validation (the sum of squares in ``TemplateKey.protect``, the rotation
+# and re-normalisation in ``protect_query``) stays in float32's normal range, with orders of headroom,
+# for a norm in this window: squares stay below 1e30 (float32 overflows past ~3.4e38), and the largest
+# rotated component (>= norm / sqrt(dim), dim <= 4096) squares to >= 2e-34, far above the subnormal
+# range (< 1.2e-38) where precision is lost. Outside it float32 turned [1e19]*128 into an all-zero
+# template and small constant probes into an infinite similarity. Real embeddings have norms ~0.1..100.
+NORM_MIN, NORM_MAX = 1e-15, 1e15
+_SQ_MIN, _SQ_MAX = NORM_MIN**2, NORM_MAX**2
+
+
 def as_matrix(values: object, dim: int) -> np.ndarray:
     """Turn one vector or a list of vectors into a validated (n, dim) float32 matrix.
 
-    Raises InvalidVector for a wrong dimension, non-finite values or a zero vector (no direction).
-    The message never echoes values: they are biometric data.
+    ``values`` must already be numbers (the API validates its schemas strictly: numpy would read
+    ``"0.1"`` and ``True`` as numbers). Raises InvalidVector for a wrong dimension or a row that
+    ``check_matrix`` refuses. The message never echoes values: they are biometric data.
     """
     try:
         with np.errstate(over="ignore"):  # values beyond float32 become inf and are rejected below
@@ -45,11 +56,29 @@ def from_float32_bytes(body: bytes, dim: int) -> np.ndarray:
 
 
 def check_matrix(x: np.ndarray) -> np.ndarray:
-    if not np.isfinite(x).all():
-        raise InvalidVector("embedding contains NaN or infinite values")
-    if not x.any(axis=1).all():  # every row has a non-zero value (-0.0 counts as zero); half abs().max()'s cost
-        raise InvalidVector("embedding is a zero vector")
+    """``x`` unchanged if every row is finite with an L2 norm in [NORM_MIN, NORM_MAX], else InvalidVector.
+
+    One pass (a match-path cost): the squared norms are summed in float32, which is exact enough here
+    because the window lies deep inside float32's range. Whatever escapes it fails the same test: a
+    NaN gives NaN (``min``/``max`` propagate it), an infinite value or an overflowing square gives inf,
+    an underflowing vector gives (nearly) zero. Only the error message is worked out in float64.
+    """
+    sq = np.einsum("ij,ij->i", x, x)
+    if not (sq.min() >= _SQ_MIN and sq.max() <= _SQ_MAX):
+        raise InvalidVector(_why_invalid(x))
     return x
+
+
+def _why_invalid(x: np.ndarray) -> str:
+    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    row = int(np.flatnonzero(~((sq >= _SQ_MIN) & (sq <= _SQ_MAX)))[0])
+    where = f"embedding {row}" if len(x) > 1 else "embedding"
+    if not np.isfinite(x[row]).all():
+        return f"{where} contains NaN or infinite values"
+    if sq[row] == 0:
+        return f"{where} is a zero vector"
+    return (f"{where} has an L2 norm outside [{NORM_MIN:g}, {NORM_MAX:g}]: it cannot be normalised "
+            "reliably in float32 (scale it, e.g. send it normalised)")
 
 
 def normalise(x: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from appliance.api.deps import AuditKey, StateDep
+from appliance.api.types import IsoDatetime, SafeText
 from appliance.audit import AuditEvent
 from appliance.audit.export import ExportError, ExportFilter, export_lines
 from appliance.audit.log import audit_log
@@ -33,10 +34,10 @@ def export(
     request: Request,
     key: AuditKey,
     state: StateDep,
-    from_: Annotated[datetime | None, Query(alias="from", description="Inclusive start (ISO 8601)")] = None,
-    to: Annotated[datetime | None, Query(description="Exclusive end (ISO 8601)")] = None,
-    subject_id: str | None = None,
-    action: str | None = None,
+    from_: Annotated[IsoDatetime | None, Query(alias="from", description="Inclusive start (ISO 8601)")] = None,
+    to: Annotated[IsoDatetime | None, Query(description="Exclusive end (ISO 8601)")] = None,
+    subject_id: SafeText | None = None,
+    action: SafeText | None = None,
     format: Annotated[Literal["jsonl", "csv"], Query()] = "jsonl",
 ) -> StreamingResponse:
     try:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.api.deps import EnrollKey, StateDep
 from appliance.api.match import vector_errors
+from appliance.api.types import SafeText
 from appliance.auth import Scope, require
 from appliance.bulk_enrolment import BulkEnrolment
 from appliance.enrolment import enrol
@@ -26,7 +27,7 @@ MAX_PER_REQUEST = 1000
 class EncodingsCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=100)
+    model: SafeText = Field(min_length=1, max_length=100)
     vectors: list[list[float]] = Field(min_length=1, max_length=MAX_PER_REQUEST,
                                        description="Raw embeddings; normalised and sealed by the appliance.")
 
@@ -70,8 +71,10 @@ def _model_dim(state: Any, model: str) -> int:
 )
 async def create_encodings(
     subject_id: uuid.UUID, request: Request, key: EnrollKey, state: StateDep,
-    model: Annotated[str | None, Query(max_length=100, description="With a raw float32 body.")] = None,
+    model: Annotated[SafeText | None, Query(max_length=100, description="With a raw float32 body.")] = None,
 ) -> EncodingsCreated:
+    """JSON is validated strictly by its schema (strings and booleans are not numbers); ``?model=`` goes
+    only with a raw body, so a model named twice is refused rather than one silently winning."""
     body = await request.body()
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     with vector_errors():
@@ -82,8 +85,11 @@ async def create_encodings(
             if len(vectors) > MAX_PER_REQUEST:
                 raise Unprocessable(f"at most {MAX_PER_REQUEST} vectors per request")
         elif ctype == "application/json":
+            if model is not None:
+                raise Unprocessable("model is given both in the query and in the JSON body; "
+                                    "?model= is for raw float32 bodies only")
             try:
-                req = EncodingsCreate.model_validate_json(body)
+                req = EncodingsCreate.model_validate_json(body, strict=True)
             except ValidationError as exc:
                 errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:20]]
                 raise Unprocessable("the request did not validate", errors=errors) from None

@@ -1,8 +1,9 @@
 """``POST /v1/match`` and ``/v1/match:batch``: the hot path, top to bottom in one place.
 
-API-key check (cached) → parse and validate (model, dimension, finite, non-zero; JSON or raw
-little-endian float32) → protect and search the in-process index → drop tombstoned labels → one
-candidate per subject → threshold → queue one audit event per embedding → reply.
+API-key check (cached) → parse and validate (JSON strictly by its schema, or raw little-endian
+float32 with options in the query, never both; dimension, finite, a norm float32 can normalise) →
+protect and search the in-process index → drop tombstoned labels → one candidate per subject
+(similarities clamped to [-1, 1]) → threshold → queue one audit event per embedding → reply.
 No PostgreSQL, Vault or S3 round trip.
 
 Two doors lead to the same ``answer``: the FastAPI routes (documented in OpenAPI, used when the fast
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.api.middleware import LATENCY, REQUEST_ID_RE, REQUESTS
 from appliance.api.problems import PROBLEM, map_dependency_error, problem_document, problem_headers
+from appliance.api.types import SafeText
 from appliance.audit import AuditEvent
 from appliance.audit.log import audit_log
 from appliance.auth import ApiKey, Scope, require
@@ -49,11 +51,12 @@ SLOW_SECONDS = 0.05  # a match slower than this is always logged: the camera pip
 class MatchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)  # frozen: validated raw-door options are shared
 
-    model: str = Field(min_length=1, max_length=100)
+    model: SafeText = Field(min_length=1, max_length=100)
     k: int = Field(default=5, ge=1, le=MAX_K)
-    threshold: float | None = Field(default=None, ge=-1.0, le=1.0, description="Default: the model's threshold.")
-    camera_id: str | None = Field(default=None, max_length=200)
-    track_id: str | None = Field(default=None, max_length=200)
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False,
+                                    description="Default: the model's threshold.")
+    camera_id: SafeText | None = Field(default=None, max_length=200)
+    track_id: SafeText | None = Field(default=None, max_length=200)
 
 
 class MatchRequest(MatchOptions):
@@ -120,7 +123,11 @@ def _raw_body_doc(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def parse(service: IndexService, ctype: str, query: str, body: bytes, batch: bool) -> tuple[MatchOptions, np.ndarray]:
-    """Options and a validated (n, dim) float32 matrix from a JSON body or a raw float32 body + query."""
+    """Options and a validated (n, dim) float32 matrix from a JSON body or a raw float32 body + query.
+
+    JSON is validated strictly, exactly as the schema documents it: ``"0.1"`` and ``true`` are not
+    numbers and ``k`` is an integer, not a boolean. One source per option: the query string belongs
+    to raw bodies, so a JSON request with one is refused rather than half-ignored."""
     try:
         if ctype == "application/octet-stream":
             opts = _query_options(query)
@@ -130,7 +137,10 @@ def parse(service: IndexService, ctype: str, query: str, body: bytes, batch: boo
             return opts, vectors
         if ctype != "application/json":
             raise UnsupportedMediaType("send application/json or application/octet-stream (float32 LE)")
-        opts = (MatchBatchRequest if batch else MatchRequest).model_validate_json(body)
+        if query:
+            raise Unprocessable("a JSON request carries its options in the body; query parameters are for "
+                                "raw float32 bodies only")
+        opts = (MatchBatchRequest if batch else MatchRequest).model_validate_json(body, strict=True)
     except ValidationError as exc:
         # Never echo the input back: it may be a biometric vector.
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:20]]
@@ -148,7 +158,11 @@ def _query_options(query: str) -> MatchOptions:
     same few (``model=…&k=…``) on every match. Only valid ones are kept (frozen, so safe to share)."""
     opts = _QUERY_OPTIONS.get(query)
     if opts is None:
-        opts = MatchOptions.model_validate(dict(parse_qsl(query, keep_blank_values=True)))
+        pairs = parse_qsl(query, keep_blank_values=True)
+        fields = dict(pairs)
+        if len(fields) != len(pairs):
+            raise Unprocessable("a query parameter is given more than once")
+        opts = MatchOptions.model_validate(fields)
         if len(_QUERY_OPTIONS) >= _QUERY_OPTIONS_MAX:  # e.g. a track id per request: keep it bounded
             _QUERY_OPTIONS.clear()
         _QUERY_OPTIONS[query] = opts

@@ -13,13 +13,14 @@ from typing import Annotated, Any, Literal
 import anyio
 from fastapi import APIRouter, FastAPI, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
-from starlette.datastructures import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import FormData, UploadFile
 
 from appliance import errors
 from appliance.api.deps import MediaKey, StateDep
 from appliance.api.problems import problem
 from appliance.api.state import AppState
+from appliance.api.types import IsoDatetime, SafeText
 from appliance.audit import AuditEvent
 from appliance.audit.log import audit_log
 from appliance.auth import ApiKey
@@ -31,6 +32,7 @@ from media.records import AuditHook, MediaRow
 from media.retention import Retention
 from media.service import Limits, MediaService, UploadMeta
 from media.store import MediaStore
+from media.validate import ClipCheckingReader
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1/media", tags=["media"])
@@ -66,9 +68,11 @@ class MediaPage(BaseModel):
 
 
 class _UploadFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt form field is an error, not silently dropped
+
     subject_id: uuid.UUID | None = None
-    camera_id: str | None = Field(default=None, max_length=200)
-    captured_at: datetime | None = None
+    camera_id: SafeText | None = Field(default=None, max_length=200)
+    captured_at: IsoDatetime | None = None
     kind: Kind | None = None
 
 
@@ -93,32 +97,36 @@ async def upload_media(
     key: MediaKey,
     state: StateDep,
     subject_id: uuid.UUID | None = None,
-    camera_id: Annotated[str | None, Query(max_length=200)] = None,
-    captured_at: datetime | None = None,
+    camera_id: Annotated[SafeText | None, Query(max_length=200)] = None,
+    captured_at: IsoDatetime | None = None,
     kind: Kind | None = None,
 ) -> MediaInfo:
+    """Each parameter has one source: the query, or a field of a multipart form, never both (422)."""
     service = media_service(state)
     audit = _auditor(state, key, request)
-    query = {"subject_id": subject_id, "camera_id": camera_id, "captured_at": captured_at, "kind": kind}
+    query = {k: v for k, v in (("subject_id", subject_id), ("camera_id", camera_id), ("captured_at", captured_at),
+                               ("kind", kind)) if v is not None}
+    _once(request.query_params.multi_items(), "query parameter")
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form(max_files=1, max_fields=8)
         try:
-            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            fields = _form_fields(form, query)
             upload = next((v for v in form.values() if isinstance(v, UploadFile)), None)
             if upload is None:
                 raise errors.BadRequest("the multipart form has no file part")
-            meta = _meta({**{k: v for k, v in query.items() if v is not None}, **fields})
-            rows = await anyio.to_thread.run_sync(service.upload, upload.file, meta, audit, upload.size)
+            meta = _meta({**query, **fields})
+            rows = await anyio.to_thread.run_sync(service.upload, ClipCheckingReader(upload.file), meta, audit,
+                                                  upload.size)
         finally:
             await form.close()
     else:
-        meta = _meta({k: v for k, v in query.items() if v is not None})
+        meta = _meta(query)
         declared = request.headers.get("content-length")
         length = int(declared) if declared and declared.isdigit() else None
         # A body no larger than an image may be is read here at once (fewer thread hops); larger ones stream.
         body: Any = io.BytesIO(await request.body()) if length is not None and length <= service.limits.image_bytes \
             else _BodyReader(request)
-        rows = await anyio.to_thread.run_sync(service.upload, body, meta, audit, length)
+        rows = await anyio.to_thread.run_sync(service.upload, ClipCheckingReader(body), meta, audit, length)
     return MediaInfo.of(rows[0], [r.thumb_size for r in rows[1:] if r.thumb_size])
 
 
@@ -128,10 +136,10 @@ def list_media(
     key: MediaKey,
     state: StateDep,
     subject_id: uuid.UUID | None = None,
-    camera_id: Annotated[str | None, Query(max_length=200)] = None,
-    from_: Annotated[datetime | None, Query(alias="from", description="Captured at or after (ISO 8601)")] = None,
-    to: Annotated[datetime | None, Query(description="Captured before (ISO 8601)")] = None,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    camera_id: Annotated[SafeText | None, Query(max_length=200)] = None,
+    from_: Annotated[IsoDatetime | None, Query(alias="from", description="Captured at or after (ISO 8601)")] = None,
+    to: Annotated[IsoDatetime | None, Query(description="Captured before (ISO 8601)")] = None,
+    cursor: Annotated[SafeText | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> MediaPage:
     rows, thumbs, next_cursor = media_service(state).list(
@@ -235,7 +243,27 @@ def _auditor(state: AppState, key: ApiKey, request: Request) -> AuditHook:
     return record
 
 
+def _once(pairs: list[tuple[str, Any]], what: str) -> None:
+    """A parameter repeated in one source is ambiguous (which one wins?): 422 instead of the last silently."""
+    names = [k for k, _ in pairs]
+    repeated = sorted({k for k in names if names.count(k) > 1 and k in _UploadFields.model_fields})
+    if repeated:
+        raise errors.Unprocessable(f"{what} given more than once: {', '.join(repeated)}")
+
+
+def _form_fields(form: FormData, query: dict[str, Any]) -> dict[str, str]:
+    """The form's text fields; one given in the query too is 422 (it used to override the query silently)."""
+    pairs = [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
+    _once(pairs, "form field")
+    both = sorted(k for k, _ in pairs if k in query)
+    if both:
+        raise errors.Unprocessable(f"{', '.join(both)} given both in the query and in the form; send each once",
+                                   conflicting=both)
+    return dict(pairs)
+
+
 def _meta(values: dict[str, Any]) -> UploadMeta:
+
     try:
         parsed = _UploadFields.model_validate(values)
     except ValidationError as exc:

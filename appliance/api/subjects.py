@@ -15,6 +15,7 @@ from fastapi import APIRouter, FastAPI, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.api.deps import EnrollKey, StateDep
+from appliance.api.types import SafeText
 from appliance.audit import AuditEvent
 from appliance.enrolment import label_aad
 from appliance.errors import Conflict, Gone, NotFound
@@ -26,15 +27,15 @@ router = APIRouter(prefix="/v1", tags=["subjects"])
 class SubjectCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    external_ref: str | None = Field(default=None, min_length=1, max_length=200,
+    external_ref: SafeText | None = Field(default=None, min_length=1, max_length=200,
                                      description="Your own id for this person (unique).")
-    label: str | None = Field(default=None, max_length=200, description="Display name; stored sealed.")
+    label: SafeText | None = Field(default=None, max_length=200, description="Display name; stored sealed.")
 
 
 class SubjectPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    label: str | None = Field(max_length=200, description="New display label; null clears it.")
+    label: SafeText | None = Field(max_length=200, description="New display label; null clears it.")
 
 
 class Subject(BaseModel):
@@ -110,7 +111,7 @@ def list_subjects(
     request: Request, _: EnrollKey, state: StateDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     after: Annotated[uuid.UUID | None, Query(description="Last id of the previous page.")] = None,
-    external_ref: Annotated[str | None, Query(max_length=200)] = None,
+    external_ref: Annotated[SafeText | None, Query(max_length=200)] = None,
 ) -> SubjectPage:
     clauses, params = [], []
     if after is not None:
