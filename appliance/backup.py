@@ -5,9 +5,10 @@ dump sealed with ``crypto.stream`` under a fresh DEK; the DEK, wrapped by the KE
 object's metadata, so restoring needs only the object store and the key provider (Vault), not the
 lost database. Memory stays flat: the dump is piped, sealed segment by segment and uploaded in parts.
 
-Erasure and backups: a backup taken before an erasure still holds the subject's wrapped key. Every
-erasure therefore leaves a ledger object ``erasures/<subject id>`` (ids only) in the backup bucket,
-and every restore re-erases the subjects listed there before the database is used.
+Erasure and backups: a backup taken before an erasure still holds the subject's rows and wrapped
+DEK, but the owner key that wrapped it is destroyed, so they open for nobody. Every erasure also
+leaves a ledger object ``erasures/<subject id>`` (ids only) in the backup bucket, and every restore
+deletes the listed subjects' rows before the database is used, so no restored subject looks alive.
 
 RPO is the timer interval (nightly by default); RTO is download + ``pg_restore`` (minutes for a
 site-sized database) plus the index warm-up of ``appliance serve``.
@@ -249,6 +250,7 @@ def replay_erasures(dsn: str, subject_ids: list[uuid.UUID]) -> int:
             conn.execute("DELETE FROM media WHERE subject_id = ANY(%s)", (present,))
             conn.execute("DELETE FROM subject_keys WHERE subject_id = ANY(%s)", (present,))
             conn.execute("""UPDATE subjects SET state = 'erased', label_sealed = NULL, external_ref = NULL,
+                                   external_ref_hash = NULL, external_ref_sealed = NULL,
                                    erased_at = coalesce(erased_at, now()), updated_at = now()
                             WHERE id = ANY(%s)""", (present,))
     return len(present)

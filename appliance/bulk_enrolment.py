@@ -20,8 +20,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.api.types import FORBIDDEN_TEXT, SafeText
-from appliance.enrolment import check_subjects, ensure_models, publish, write_encodings
+from appliance.enrolment import check_subjects, ensure_models, external_ref_aad, publish, write_encodings
 from appliance.errors import BadRequest, Conflict, Unprocessable
+from crypto.seal import seal
 from vector.errors import InvalidVector
 from vector.templates import as_matrix
 
@@ -124,7 +125,7 @@ class BulkEnrolment:
                                (self.key,)).fetchone()
             if int(row[0]) != self.lines_done:
                 raise Conflict("another request is completing this Idempotency-Key; retry later")
-            refs = _resolve_refs(conn, {ln.external_ref for ln in lines if ln.external_ref is not None})
+            refs = _resolve_refs(self.state, conn, {ln.external_ref for ln in lines if ln.external_ref is not None})
             sids = [ln.subject_id or refs[ln.external_ref] for ln in lines]  # type: ignore[index]
             check_subjects(conn, set(sids))
             enrolled, messages = write_encodings(self.state, conn, sids, [ln.model for ln in lines],
@@ -169,15 +170,31 @@ class BulkEnrolment:
                 "lines_done": int(row[0]), "encodings_total": int(row[1])}
 
 
-def _resolve_refs(conn: Any, refs: set[str]) -> dict[str, uuid.UUID]:
-    """Subjects by external_ref, creating the missing ones (inside the chunk's transaction)."""
+def _resolve_refs(state: Any, conn: Any, refs: set[str]) -> dict[str, uuid.UUID]:
+    """Subjects by external_ref (through the blind index), creating the missing ones in the chunk's transaction.
+
+    A new subject's reference is stored sealed with its own DEK, made here (one owner key each).
+    """
     if not refs:
         return {}
-    ordered = sorted(refs)
-    conn.execute(
-        """INSERT INTO subjects (id, external_ref) SELECT * FROM unnest(%s::uuid[], %s::text[])
-           ON CONFLICT (external_ref) DO NOTHING""",
-        ([uuid.uuid4() for _ in ordered], ordered),
-    )
-    rows = conn.execute("SELECT external_ref, id FROM subjects WHERE external_ref = ANY(%s)", (ordered,)).fetchall()
-    return {r[0]: r[1] for r in rows}
+    # Rows from before migration 0008 that the upgrade has not reached yet keep a plaintext column.
+    found: dict[str, uuid.UUID] = {r[0]: r[1] for r in conn.execute(
+        "SELECT external_ref, id FROM subjects WHERE external_ref = ANY(%s)", (sorted(refs),)).fetchall()}
+    ordered = sorted(refs - found.keys())
+    if not ordered:
+        return found
+    hashes = state.blind_index.digests(conn, ordered)
+    created = conn.execute(
+        """INSERT INTO subjects (id, external_ref_hash) SELECT * FROM unnest(%s::uuid[], %s::bytea[])
+           ON CONFLICT (external_ref_hash) DO NOTHING RETURNING id, external_ref_hash""",
+        ([uuid.uuid4() for _ in ordered], hashes),
+    ).fetchall()
+    by_hash = dict(zip(hashes, ordered, strict=True))
+    if created:
+        keys = state.subject_keys.get_or_create_many(conn, [r[0] for r in created])
+        conn.cursor().executemany(
+            "UPDATE subjects SET external_ref_sealed = %s WHERE id = %s",
+            [(seal(keys[sid].dek, by_hash[bytes(h)].encode(), external_ref_aad(sid)), sid) for sid, h in created])
+    rows = conn.execute("SELECT external_ref_hash, id FROM subjects WHERE external_ref_hash = ANY(%s)",
+                        (hashes,)).fetchall()
+    return found | {by_hash[bytes(r[0])]: r[1] for r in rows}

@@ -53,6 +53,7 @@ def key_provider(settings: Settings) -> KeyProvider:
             mount=settings.vault_transit_mount,
             kek_name=settings.vault_kek_name,
             signing_key_name=settings.vault_signing_key_name,
+            owned_key_prefix=settings.vault_owned_key_prefix,
             timeout=settings.vault_timeout,
         )
     from crypto.providers.local import LocalFileProvider

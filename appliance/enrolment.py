@@ -22,8 +22,7 @@ import psycopg
 from appliance.audit import AuditEvent
 from appliance.errors import Conflict, Gone, NotFound
 from appliance.logs import get_logger
-from appliance.subject_keys import wrap_context
-from crypto.seal import aad, new_dek, seal
+from crypto.seal import aad, seal
 from vector import store
 from vector.feed import Feed, FeedMessage
 from vector.store import TemplateBatch, uuids_to_bytes
@@ -39,6 +38,10 @@ def encoding_aad(subject_id: uuid.UUID, encoding_id: uuid.UUID, model: str) -> b
 
 def label_aad(subject_id: uuid.UUID) -> bytes:
     return aad("subject-label", str(subject_id))
+
+
+def external_ref_aad(subject_id: uuid.UUID) -> bytes:
+    return aad("subject-external-ref", str(subject_id))
 
 
 @dataclass(frozen=True)
@@ -87,50 +90,6 @@ def check_subjects(conn: psycopg.Connection, subject_ids: set[uuid.UUID]) -> Non
             raise Conflict(f"subject {sid} is being erased")
 
 
-def subject_deks(state: Any, conn: psycopg.Connection, subject_ids: set[uuid.UUID]) -> dict[uuid.UUID, bytes]:
-    """DEKs of many subjects in at most one unwrap and one wrap round trip (bulk enrolment).
-
-    Same storage and cache format as ``SubjectKeys``; a subject without a key gets one here.
-    """
-    keys = state.subject_keys
-    batch = getattr(keys, "get_or_create_many", None)
-    if batch is not None:
-        return {sid: k.dek for sid, k in batch(conn, list(subject_ids)).items()}
-    out: dict[uuid.UUID, bytes] = {}
-    for sid in subject_ids:
-        cached = keys.cache.get(sid)
-        if cached is not None:
-            out[sid] = cached[16:]
-    todo = [s for s in subject_ids if s not in out]
-    if todo:
-        rows = conn.execute(
-            "SELECT subject_id, key_id, wrapped_dek FROM subject_keys WHERE subject_id = ANY(%s)", (todo,)
-        ).fetchall()
-        if rows:
-            deks = keys.provider.unwrap_many([bytes(r[2]) for r in rows], [wrap_context(r[0]) for r in rows])
-            for r, dek in zip(rows, deks, strict=True):
-                keys.cache.put(r[0], r[1].bytes + dek)
-                out[r[0]] = dek
-    new = [s for s in todo if s not in out]
-    if new:
-        deks = [new_dek() for _ in new]
-        wrapped = keys.provider.wrap_many(deks, [wrap_context(s) for s in new])
-        for sid, dek, w in zip(new, deks, wrapped, strict=True):
-            key_id = uuid.uuid4()
-            row = conn.execute(
-                """INSERT INTO subject_keys (subject_id, key_id, wrapped_dek, kek_version) VALUES (%s, %s, %s, %s)
-                   ON CONFLICT (subject_id) DO NOTHING RETURNING key_id""",
-                (sid, key_id, w, keys.provider.wrapped_version(w)),
-            ).fetchone()
-            if row is None:  # a concurrent enrolment created it first
-                found = keys.get(conn, sid)
-                out[sid] = found.dek
-            else:
-                keys.cache.put(sid, key_id.bytes + dek)
-                out[sid] = dek
-    return out
-
-
 def write_encodings(
     state: Any, conn: psycopg.Connection, subject_ids: list[uuid.UUID], models: list[str], raw: list[np.ndarray],
     actor: str, request_id: str | None, check: bool = True,
@@ -140,7 +99,7 @@ def write_encodings(
 
     if check:
         check_subjects(conn, set(subject_ids))
-    deks = subject_deks(state, conn, set(subject_ids))
+    deks = {sid: k.dek for sid, k in state.subject_keys.get_or_create_many(conn, subject_ids).items()}
     n = len(subject_ids)
     ids = [uuid.uuid4() for _ in range(n)]
     sealed = [seal(deks[subject_ids[i]], np.asarray(raw[i], "<f4").tobytes(), encoding_aad(subject_ids[i], ids[i],

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from appliance.audit import AuditEvent
-from appliance.enrolment import encoding_aad, ensure_models, subject_deks, template_keys
+from appliance.enrolment import encoding_aad, ensure_models, template_keys
 from appliance.errors import Conflict
 from appliance.logs import get_logger
 from appliance.matching import tombstone_file
@@ -125,7 +125,7 @@ def rotate_template_key(
                        ORDER BY e.label LIMIT %s FOR UPDATE OF e SKIP LOCKED""", (model, batch_size)).fetchall()
                 if not rows:
                     break
-                deks = subject_deks(state, conn, {r[1] for r in rows})
+                deks = {s: k.dek for s, k in state.subject_keys.get_or_create_many(conn, [r[1] for r in rows]).items()}
                 raw = np.stack([np.frombuffer(open_sealed(deks[r[1]], bytes(r[2]), encoding_aad(r[1], r[0], model)),
                                               "<f4") for r in rows])
                 templates = new_key.protect(raw)
@@ -160,4 +160,40 @@ def rotate_template_key(
     service = state.extras.get("matcher")
     if service is not None:
         service.reload(model)
+    destroy_retired_seeds(state, model, actor)
     return RotationResult(model, old, target, done, total)
+
+
+def destroy_retired_seeds(state: Any, model: str, actor: str) -> list[int]:
+    """Destroy the seeds of retired template versions (no template uses them since the swap), audited.
+
+    From then on every stale copy of a template protected under those versions (dead tuples, WAL,
+    backups, old snapshots), erased subjects' included, is a rotation under a key that no longer exists.
+    Seeds wrapped by the shared KEK (before migration 0008) cannot be destroyed this way and are left.
+    """
+    from appliance.audit.log import audit_log
+
+    keys = template_keys(state)
+    destroyed = []
+    with state.pool.connection() as conn, conn.transaction():
+        versions = [r[0] for r in conn.execute(
+            """SELECT version FROM template_keys WHERE model = %s AND state = 'retired' AND scheme = 'owner'
+               AND destroyed_at IS NULL ORDER BY version""", (model,)).fetchall()]
+        for version in versions:
+            done = keys.destroy_version(conn, model, version)
+            destroyed.append(version)
+            audit_log(state).record(conn, AuditEvent("key.destroy", actor, details={
+                "kind": "template", "model": model, "version": version, "location": done.location,
+                "existed": done.existed}))
+    return destroyed
+
+
+def models_to_rekey(state: Any) -> list[str]:
+    """Models whose active template key predates a finished erasure (stale copies of that subject's
+    templates exist under it, so a re-key makes them noise), or is still wrapped by the shared KEK."""
+    with state.pool.connection() as conn:
+        rows = conn.execute(
+            """SELECT k.model FROM template_keys k WHERE k.state = 'active' AND (k.scheme = 'kek' OR EXISTS (
+                   SELECT 1 FROM erasure_jobs j WHERE j.state = 'done' AND j.finished_at > k.created_at))
+               ORDER BY 1""").fetchall()
+    return [r[0] for r in rows if r[0] in state.settings.models]

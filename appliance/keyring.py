@@ -17,6 +17,7 @@ import psycopg
 from minio import Minio
 from minio.commonconfig import REPLACE, CopySource
 
+from appliance.blind_index import lookup_context
 from appliance.subject_keys import wrap_context as subject_context
 from crypto.providers.base import KeyProvider
 from crypto.rotation import RewrapProgress, rewrap_all
@@ -34,6 +35,7 @@ class WrappedKeyTable:
     column: str
     context: Callable[[Any], bytes]
     parse_id: Callable[[Any], Any] = lambda v: v
+    only: str = "TRUE"  # rows of this table under the KEK (subject keys moved to owner keys are not)
 
 
 def _template_ctx(row_id: str) -> bytes:
@@ -43,8 +45,10 @@ def _template_ctx(row_id: str) -> bytes:
 
 TABLES = (
     WrappedKeyTable("subject_keys", "subject_id", "uuid", "wrapped_dek",
-                    lambda i: subject_context(uuid.UUID(str(i)))),
-    WrappedKeyTable("template_keys", "model || '/' || version", "text", "wrapped_seed", _template_ctx),
+                    lambda i: subject_context(uuid.UUID(str(i))), only="scheme = 'kek'"),
+    WrappedKeyTable("lookup_keys", "name", "text", "wrapped_key", lambda i: lookup_context(str(i))),
+    WrappedKeyTable("template_keys", "model || '/' || version", "text", "wrapped_seed", _template_ctx,
+                    only="scheme = 'kek'"),
     WrappedKeyTable("media", "id", "uuid", "wrapped_dek", lambda i: media_context(uuid.UUID(str(i)))),
 )
 
@@ -54,7 +58,7 @@ def version_counts(conn: psycopg.Connection) -> dict[str, dict[int, int]]:
     out: dict[str, dict[int, int]] = {}
     for t in TABLES:
         rows = conn.execute(
-            f"SELECT kek_version, count(*) FROM {t.table} WHERE {t.column} IS NOT NULL GROUP BY 1"  # noqa: S608
+            f"SELECT kek_version, count(*) FROM {t.table} WHERE {t.column} IS NOT NULL AND {t.only} GROUP BY 1"  # noqa: S608
         ).fetchall()
         out[t.table] = {int(v): int(n) for v, n in rows}
     return out
@@ -72,7 +76,7 @@ def rewrap_table(
     def fetch(below: int, after: Any, limit: int) -> list[tuple[Any, bytes]]:
         rows = conn.execute(
             f"""SELECT {t.id_sql} AS rid, {t.column} FROM {t.table}
-                WHERE {t.column} IS NOT NULL AND kek_version < %s
+                WHERE {t.column} IS NOT NULL AND {t.only} AND kek_version < %s
                   AND (%s::{t.id_type} IS NULL OR {t.id_sql} > %s::{t.id_type})
                 ORDER BY {t.id_sql} LIMIT %s""",  # noqa: S608 - identifiers from TABLES only
             (below, after, after, limit),

@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(default=1, ge=0)
     db_pool_max: int = Field(default=8, ge=1)
     db_connect_timeout: float = Field(default=3.0, gt=0)
+    # Bounds on every wait for PostgreSQL (README, "Timeouts"); CLI jobs on their own connections have none.
+    db_request_timeout: float = Field(default=3.0, gt=0)
+    db_statement_timeout: float = Field(default=2.5, gt=0)
+    db_lock_timeout: float = Field(default=1.0, gt=0)
+    db_commit_guard: float = Field(default=1.0, gt=0)
+    db_job_timeout: float = Field(default=300.0, gt=0)
+    db_tcp_user_timeout: float = Field(default=10.0, ge=0)
 
     # --- Redis ---
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
@@ -97,6 +104,8 @@ class Settings(BaseSettings):
     media_max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     media_max_clip_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     media_max_image_pixels: int = Field(default=50_000_000, gt=0)
+    media_decode_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=16 * 1024 * 1024)
+    media_decode_wait: float = Field(default=30.0, gt=0)
     media_part_size: int = Field(default=5 * 1024 * 1024, ge=5 * 1024 * 1024)
     media_retention_image_days: float | None = Field(default=30.0, gt=0)
     media_retention_clip_days: float | None = Field(default=7.0, gt=0)
@@ -126,10 +135,14 @@ class Settings(BaseSettings):
     vault_transit_mount: str = "transit"
     vault_kek_name: str = "appliance-kek"
     vault_signing_key_name: str = "appliance-signing"
+    vault_owned_key_prefix: str = Field(default="appliance-owned-", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     vault_timeout: float = Field(default=2.0, gt=0)
     local_key_dir: Path | None = None
     dek_cache_size: int = Field(default=10_000, gt=0)
     dek_cache_ttl: float = Field(default=300.0, gt=0)
+    # The retention sweep re-keys the template key of every model that had an erasure since its last
+    # re-key and destroys the old seed, so stale copies of erased templates stop being invertible.
+    template_rekey_after_erasure: bool = True
 
     # --- auth ---
     apikey_cache_ttl: float = Field(default=0.5, gt=0, le=1.0)

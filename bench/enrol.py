@@ -57,6 +57,23 @@ def single_requests(server: Server, vectors: np.ndarray, n: int) -> dict[str, fl
     return {"encodings": n, "seconds": round(seconds, 3), "per_second": round(n / seconds, 1)}
 
 
+def new_subjects(server: Server, vectors: np.ndarray, n: int) -> dict[str, float]:
+    """Create n subjects (label + external reference) and enrol one vector each: every subject costs its
+    key: since owner keys, one key created in the key provider (a Vault transit key) per subject."""
+    conn = server.conn()
+    started = time.perf_counter()
+    for i in range(n):
+        body = json.dumps({"external_ref": f"new-{uuid.uuid4()}", "label": f"Person {i}"}).encode()
+        status, resp = request(conn, "POST", "/v1/subjects", body, server.token)
+        assert status == 201, resp
+        sid = json.loads(resp)["id"]
+        status, resp = request(conn, "POST", f"/v1/subjects/{sid}/encodings?model={MODEL}",
+                               vectors[i].astype("<f4").tobytes(), server.token, "application/octet-stream")
+        assert status == 201, resp
+    seconds = time.perf_counter() - started
+    return {"subjects": n, "seconds": round(seconds, 3), "per_second": round(n / seconds, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=20_000)
@@ -69,16 +86,19 @@ def main() -> None:
         tag = f"enrol-{uuid.uuid4().hex[:8]}"
         vectors, ident, _ = identities(args.n, per_identity=args.per_identity, seed=int(time.time()) % 1000)
         baseline = single_requests(server, vectors, 300)
+        subjects = new_subjects(server, vectors, 300)
         bulk = bulk_load(server, vectors, ident, tag)
     finally:
         server.stop()
     result = {"n": args.n, "per_identity": args.per_identity, "bulk": bulk, "baseline_single_requests": baseline,
+              "new_subjects": subjects,
               "ratio_bulk_over_single": round(bulk["per_second"] / baseline["per_second"], 2),
               "target_per_second": 1000, "meets_target": bulk["per_second"] >= 1000}
     path = write_result("enrol", result)
     print(f"{'path':28} {'enc/s':>10} {'seconds':>8}")
     print(f"{'bulk NDJSON':28} {bulk['per_second']:>10} {bulk['seconds']:>8}")
     print(f"{'single requests (baseline)':28} {baseline['per_second']:>10} {baseline['seconds']:>8}")
+    print(f"{'new subject + 1 encoding':28} {subjects['per_second']:>10} {subjects['seconds']:>8}  (subjects/s)")
     print(f"-> {path}")
 
 

@@ -26,9 +26,10 @@ _MOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
-def render_policy(mount: str, kek_name: str, signing_key_name: str) -> str:
+def render_policy(mount: str, kek_name: str, signing_key_name: str, owned_key_prefix: str = "appliance-owned-") -> str:
     """Fill ``vault_policy.hcl``; names are checked so they cannot break out of an HCL string."""
-    values = {"transit_mount": mount, "kek_name": kek_name, "signing_key_name": signing_key_name}
+    values = {"transit_mount": mount, "kek_name": kek_name, "signing_key_name": signing_key_name,
+              "owned_key_prefix": owned_key_prefix}
     for key, value in values.items():
         if not (_MOUNT if key == "transit_mount" else _NAME).match(value):
             raise ValueError(f"invalid {key}: {value!r}")
@@ -56,6 +57,7 @@ def _bootstrap(
     signing_key_name: str,
     role_name: str,
     role: dict[str, Any],
+    owned_key_prefix: str,
 ) -> tuple[str, str]:
     mounts = client.sys.list_mounted_secrets_engines()["data"]
     if f"{mount}/" not in mounts:
@@ -65,7 +67,8 @@ def _bootstrap(
     # Derived: transit rewrap honours a derivation context but not associated_data (see providers.vault).
     _ensure_transit_key(client, mount, kek_name, "aes256-gcm96", derived=True)
     _ensure_transit_key(client, mount, signing_key_name, "ed25519", derived=False)
-    client.sys.create_or_update_policy(name=role_name, policy=render_policy(mount, kek_name, signing_key_name))
+    client.sys.create_or_update_policy(name=role_name, policy=render_policy(mount, kek_name, signing_key_name,
+                                                                                  owned_key_prefix))
     if "approle/" not in client.sys.list_auth_methods()["data"]:
         client.sys.enable_auth_method("approle")
     client.auth.approle.create_or_update_approle(role_name, token_policies=[role_name], **role)
@@ -82,6 +85,7 @@ def bootstrap_vault(
     kek_name: str = "appliance-kek",
     signing_key_name: str = "appliance-signing",
     role_name: str = "appliance",
+    owned_key_prefix: str = "appliance-owned-",
     token_ttl: str = "1h",  # noqa: S107 - a duration, not a secret
     token_max_ttl: str = "24h",  # noqa: S107 - a duration, not a secret
     timeout: float = 10.0,
@@ -95,7 +99,7 @@ def bootstrap_vault(
     client = hvac.Client(url=addr, token=root_token, timeout=timeout)
     role = {"token_ttl": token_ttl, "token_max_ttl": token_max_ttl, "token_type": "service"}
     try:
-        return _bootstrap(client, mount, kek_name, signing_key_name, role_name, role)
+        return _bootstrap(client, mount, kek_name, signing_key_name, role_name, role, owned_key_prefix)
     except requests.RequestException as exc:
         raise KeyProviderUnavailable(f"Vault at {addr} is unreachable for bootstrap ({type(exc).__name__})") from None
     except hvac.exceptions.VaultDown:

@@ -93,3 +93,20 @@ def make_key(admin_dsn):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def admin_headers(make_key):  # type: ignore[no-untyped-def]
     return make_key("admin", name="test-admin")
+
+
+@pytest.fixture(scope="session")
+def blind_hashes(settings, admin_dsn):  # type: ignore[no-untyped-def]
+    """The ``external_ref_hash`` values of references, as the appliance computes them (tests find rows by them)."""
+    import psycopg
+
+    from appliance import clients
+    from appliance.blind_index import BlindIndex
+
+    index = BlindIndex(clients.key_provider(settings))
+
+    def digests(refs: list[str]) -> list[bytes]:
+        with psycopg.connect(admin_dsn) as conn:
+            return index.digests(conn, refs)
+
+    return digests

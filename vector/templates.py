@@ -6,12 +6,13 @@ unwrapped once per process per version; the hot path then protects queries witho
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import numpy as np
 import psycopg
 
-from crypto.providers.base import KeyProvider
+from crypto.providers.base import KeyDestruction, KeyProvider
 from crypto.template import TemplateKey, new_seed
 from vector.errors import InvalidVector, UnknownModel
 
@@ -86,6 +87,12 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def seed_owner(model: str, version: int) -> str:
+    """Owner-key name of one template seed: destroying it (after a re-key) turns every stale copy of the
+    templates protected under this version (dead tuples, WAL, backups, old snapshots) into noise."""
+    return f"template-{hashlib.sha256(model.encode()).hexdigest()[:16]}-v{version}"
+
+
 def seed_context(model: str, version: int) -> bytes:
     """Wrap context binding a seed to its model and version: a wrapped seed copied to another row fails."""
     return b"template-seed:" + model.encode() + b":" + str(version).encode()
@@ -105,12 +112,12 @@ class TemplateKeys:
         if row is not None:
             return int(row[0])
         seed = new_seed()
-        wrapped = self.provider.wrap(seed, seed_context(model, 1))
+        wrapped = self.provider.wrap_owned(seed_owner(model, 1), seed, seed_context(model, 1))
         with conn.transaction():
-            conn.execute(
-                """INSERT INTO template_keys (model, version, dim, wrapped_seed, kek_version, state)
-                   VALUES (%s, 1, %s, %s, %s, 'active') ON CONFLICT DO NOTHING""",
-                (model, dim, wrapped, self.provider.wrapped_version(wrapped)),
+            conn.execute(  # kek_version 0: wrapped by the seed's own owner key, not the KEK
+                """INSERT INTO template_keys (model, version, dim, wrapped_seed, kek_version, state, scheme)
+                   VALUES (%s, 1, %s, %s, 0, 'active', 'owner') ON CONFLICT DO NOTHING""",
+                (model, dim, wrapped),
             )
             conn.execute(
                 "INSERT INTO index_state (model, template_version) VALUES (%s, 1) ON CONFLICT DO NOTHING", (model,)
@@ -125,11 +132,14 @@ class TemplateKeys:
         if key is not None:
             return key
         row = conn.execute(
-            "SELECT dim, wrapped_seed FROM template_keys WHERE model = %s AND version = %s", (model, version)
+            "SELECT dim, wrapped_seed, scheme FROM template_keys WHERE model = %s AND version = %s", (model, version)
         ).fetchone()
         if row is None:
             raise UnknownModel(f"model {model!r} has no template key version {version}")
-        seed = self.provider.unwrap(bytes(row[1]), seed_context(model, version))
+        if row[2] == "owner":
+            seed = self.provider.unwrap_owned(seed_owner(model, version), bytes(row[1]), seed_context(model, version))
+        else:  # written before migration 0008, wrapped by the shared KEK
+            seed = self.provider.unwrap(bytes(row[1]), seed_context(model, version))
         key = TemplateKey.from_seed(seed, model, version, int(row[0]))
         with self._lock:
             self._keys[(model, version)] = key
@@ -138,10 +148,20 @@ class TemplateKeys:
     def create_version(self, conn: psycopg.Connection, model: str, dim: int, version: int) -> TemplateKey:
         """Insert a 'pending' key version (rotation); idempotent when it already exists."""
         seed = new_seed()
-        wrapped = self.provider.wrap(seed, seed_context(model, version))
+        wrapped = self.provider.wrap_owned(seed_owner(model, version), seed, seed_context(model, version))
         conn.execute(
-            """INSERT INTO template_keys (model, version, dim, wrapped_seed, kek_version, state)
-               VALUES (%s, %s, %s, %s, %s, 'pending') ON CONFLICT DO NOTHING""",
-            (model, version, dim, wrapped, self.provider.wrapped_version(wrapped)),
+            """INSERT INTO template_keys (model, version, dim, wrapped_seed, kek_version, state, scheme)
+               VALUES (%s, %s, %s, %s, 0, 'pending', 'owner') ON CONFLICT DO NOTHING""",
+            (model, version, dim, wrapped),
         )
         return self.get(conn, model, version)
+
+    def destroy_version(self, conn: psycopg.Connection, model: str, version: int) -> KeyDestruction:
+        """Destroy a retired version's seed for good (after a re-key): its templates, wherever a stale copy
+        lies, can no longer be turned back into face vectors by anyone holding the appliance's credentials."""
+        with self._lock:
+            self._keys.pop((model, version), None)
+        done = self.provider.destroy_owned(seed_owner(model, version))
+        conn.execute("""UPDATE template_keys SET destroyed_at = coalesce(destroyed_at, now())
+                        WHERE model = %s AND version = %s""", (model, version))
+        return done

@@ -61,6 +61,9 @@ def export_subject(subject_id: uuid.UUID, request: Request, key: AdminKey, state
 
 
 def _resume(state: Any) -> None:
+    from appliance.gdpr.upgrade import upgrade_in_background
+
+    upgrade_in_background(state)
     erasure.resume_in_background(state)
 
 

@@ -16,6 +16,7 @@ from redis import Redis
 
 from appliance import clients
 from appliance.auth import KeyCache
+from appliance.blind_index import BlindIndex
 from appliance.settings import Settings
 from appliance.subject_keys import SubjectKeys
 from crypto.dek_cache import DekCache
@@ -33,6 +34,7 @@ class AppState:
     api_keys: KeyCache
     extras: dict[str, Any] = field(default_factory=dict)
     _keys: KeyProvider | None = None
+    _blind_index: BlindIndex | None = None
     _keys_lock: threading.RLock = field(default_factory=threading.RLock)
 
     @classmethod
@@ -59,6 +61,15 @@ class AppState:
                     cache = DekCache(self.settings.dek_cache_size, self.settings.dek_cache_ttl)
                     found = self.extras["subject_keys"] = SubjectKeys(self.keys, cache)
         return found  # type: ignore[no-any-return]
+
+    @property
+    def blind_index(self) -> BlindIndex:
+        """Keyed hashes of external references (the lookup key is unwrapped once per process)."""
+        if self._blind_index is None:
+            with self._keys_lock:
+                if self._blind_index is None:
+                    self._blind_index = BlindIndex(self.keys)
+        return self._blind_index
 
     @property
     def keys(self) -> KeyProvider:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.api.deps import EnrollKey, StateDep
 from appliance.api.types import SafeText
 from appliance.audit import AuditEvent
-from appliance.enrolment import label_aad
+from appliance.enrolment import external_ref_aad, label_aad
 from appliance.errors import Conflict, Gone, NotFound
 from crypto.seal import open_sealed, seal
 
@@ -64,16 +64,21 @@ def _audit(state: Any, conn: psycopg.Connection, action: str, request: Request, 
 
 
 _SELECT = """SELECT s.id, s.external_ref, s.label_sealed, s.state, s.created_at, s.updated_at,
-                    (SELECT count(*) FROM encodings e WHERE e.subject_id = s.id)
+                    (SELECT count(*) FROM encodings e WHERE e.subject_id = s.id), s.external_ref_sealed
              FROM subjects s"""
 
 
 def _subject(state: Any, conn: psycopg.Connection, row: tuple[Any, ...], with_label: bool) -> Subject:
+    """Open the sealed label (when asked) and external reference; an erased subject has neither."""
     label = None
-    if with_label and row[2] is not None and row[3] != "erased":
+    ref = row[1]  # plaintext only on rows the 0008 upgrade has not reached yet
+    if row[3] != "erased" and (row[7] is not None or (with_label and row[2] is not None)):
         key = state.subject_keys.get(conn, row[0])
-        label = open_sealed(key.dek, bytes(row[2]), label_aad(row[0])).decode()
-    return Subject(id=row[0], external_ref=row[1], label=label, state=row[3], encoding_count=row[6],
+        if with_label and row[2] is not None:
+            label = open_sealed(key.dek, bytes(row[2]), label_aad(row[0])).decode()
+        if row[7] is not None:
+            ref = open_sealed(key.dek, bytes(row[7]), external_ref_aad(row[0])).decode()
+    return Subject(id=row[0], external_ref=ref, label=label, state=row[3], encoding_count=row[6],
                    created_at=row[4], updated_at=row[5])
 
 
@@ -81,16 +86,23 @@ def _subject(state: Any, conn: psycopg.Connection, row: tuple[Any, ...], with_la
 def create_subject(body: SubjectCreate, request: Request, _: EnrollKey, state: StateDep) -> Subject:
     sid = uuid.uuid4()
     with state.pool.connection() as conn, conn.transaction():
+        ref_hash = None if body.external_ref is None else state.blind_index.digest(conn, body.external_ref)
+        if ref_hash is not None and conn.execute(
+                "SELECT 1 FROM subjects WHERE external_ref = %s", (body.external_ref,)).fetchone() is not None:
+            raise Conflict("a subject with this external_ref already exists")  # a row not upgraded yet
         row = conn.execute(
-            "INSERT INTO subjects (id, external_ref) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING id",
-            (sid, body.external_ref),
+            "INSERT INTO subjects (id, external_ref_hash) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING id",
+            (sid, ref_hash),
         ).fetchone()
         if row is None:
             raise Conflict("a subject with this external_ref already exists")
-        if body.label is not None:
+        if body.label is not None or body.external_ref is not None:
             key = state.subject_keys.get_or_create(conn, sid)
-            conn.execute("UPDATE subjects SET label_sealed = %s WHERE id = %s",
-                         (seal(key.dek, body.label.encode(), label_aad(sid)), sid))
+            conn.execute(
+                "UPDATE subjects SET label_sealed = %s, external_ref_sealed = %s WHERE id = %s",
+                (None if body.label is None else seal(key.dek, body.label.encode(), label_aad(sid)),
+                 None if body.external_ref is None else seal(key.dek, body.external_ref.encode(),
+                                                             external_ref_aad(sid)), sid))
         _audit(state, conn, "subject.create", request, sid, external_ref=body.external_ref is not None)
         found = conn.execute(_SELECT + " WHERE s.id = %s", (sid,)).fetchone()
         return _subject(state, conn, found, with_label=True)
@@ -117,11 +129,12 @@ def list_subjects(
     if after is not None:
         clauses.append("s.id > %s")
         params.append(after)
-    if external_ref is not None:
-        clauses.append("s.external_ref = %s")
-        params.append(external_ref)
-    where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    where_ref = external_ref is not None
     with state.pool.connection() as conn, conn.transaction():
+        if where_ref:
+            clauses.append("(s.external_ref_hash = %s OR s.external_ref = %s)")
+            params += [state.blind_index.digest(conn, external_ref), external_ref]
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         rows = conn.execute(_SELECT + where + " ORDER BY s.id LIMIT %s", (*params, limit + 1)).fetchall()
         _audit(state, conn, "subject.list", request, None, count=min(len(rows), limit))
         items = [_subject(state, conn, r, with_label=False) for r in rows[:limit]]

@@ -36,6 +36,8 @@ def status() -> None:
             lagging = sum(n for v, n in counts.items() if v < current)
             detail = ", ".join(f"v{v}: {n}" for v, n in sorted(counts.items())) or "none"
             typer.echo(f"  {table:14} {detail}" + (f"   ({lagging} to rewrap)" if lagging else ""))
+        owned = conn.execute("SELECT count(*) FROM subject_keys WHERE scheme = 'owner'").fetchone()[0]
+        typer.echo(f"  subject keys under their own owner key (not KEK-wrapped; destroyed on erasure): {owned}")
 
 
 @app.command("rotate-kek")
@@ -139,3 +141,22 @@ def rotate_template(
     finally:
         state.close()
     typer.echo(f"{model}: {result}" if result is not None else f"{model}: no encodings to re-protect")
+
+
+@app.command("upgrade-legacy")
+def upgrade_legacy_cmd() -> None:
+    """Move subjects stored before owner keys: re-wrap each DEK under the subject's own key and seal
+    plaintext external references (the API also does this in the background at start). Idempotent."""
+    from appliance.api.state import AppState
+    from appliance.cli import _settings
+    from appliance.gdpr.upgrade import upgrade_legacy
+
+    settings = _settings()
+    state = AppState.build(settings)
+    try:
+        moved = upgrade_legacy(state)
+    finally:
+        state.close()
+    typer.echo(f"subject keys moved to owner keys: {moved['subject_keys']}; "
+               f"external references sealed: {moved['external_refs']}")
+    record_cli_event(settings, "key.upgrade_legacy", object_id=None, details=moved)

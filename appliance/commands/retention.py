@@ -1,4 +1,5 @@
-"""``appliance retention sweep``: delete media past its retention (every object version), audited.
+"""``appliance retention sweep``: delete media past its retention (every object version), audited; then
+re-key the template key of models with erasures since their last re-key (stale templates become noise).
 
 The systemd timer runs it daily. It is safe beside a running API and after a crash: rows are
 claimed with SKIP LOCKED, objects go before rows, and a re-run finishes what a crash left.
@@ -17,6 +18,8 @@ app = typer.Typer(no_args_is_help=True, help="Retention of media per kind (captu
 def sweep(
     batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="Media per committed batch.")] = 100,
     orphans: Annotated[bool, typer.Option(help="Also remove unreferenced objects left by a crash mid-upload.")] = True,
+    rekey_templates: Annotated[bool, typer.Option(
+        help="Re-key template keys after erasures (setting template_rekey_after_erasure).")] = True,
 ) -> None:
     """Delete expired media in batches, printing progress; exit 1 if a backing server is down."""
     import psycopg
@@ -57,3 +60,24 @@ def sweep(
                      details={"media": report.media, "objects": report.objects, "orphans": report.orphans})
     typer.echo(f"deleted {report.media} media ({report.objects} objects, every version) in {report.batches} "
                f"batches; {report.orphans} orphaned objects removed")
+    if rekey_templates and settings.template_rekey_after_erasure:
+        _rekey_after_erasures(settings, actor)
+
+
+def _rekey_after_erasures(settings: Any, actor: str) -> None:
+    """Re-key templates of models with erasures since their last re-key, then destroy the old seeds."""
+    from appliance.api.state import AppState
+    from appliance.errors import Conflict
+    from appliance.index_admin import models_to_rekey, rotate_template_key
+
+    state = AppState.build(settings)
+    try:
+        for model in models_to_rekey(state):
+            try:
+                result = rotate_template_key(state, model, actor=actor)
+            except Conflict as exc:  # a subject is being erased right now: the next sweep does it
+                typer.echo(f"{model}: template re-key postponed ({exc})", err=True)
+                continue
+            typer.echo(f"{model}: template key re-keyed after erasures ({result}); old seeds destroyed")
+    finally:
+        state.close()

@@ -4,12 +4,16 @@ Steps, in order; each commits its facts into ``erasure_jobs.progress`` together 
 database changes, so a crash between any two steps resumes at the first step not yet recorded,
 and the receipt is built only from recorded facts (a resumed job signs the same contents):
 
-1. ``mark_erasing``  subject state ``erasing``; label and external reference nulled (PII).
+1. ``mark_erasing``  subject state ``erasing``; label, external reference and its blind index nulled.
 2. ``tombstone``     labels tombstoned in this process and in Redis: from here on no worker returns them.
 3. ``delete_data``   encodings rows, media rows and every version of every object (one transaction
                      for the rows; objects are removed first and the removal is idempotent).
 4. ``purge_index``   the deletions are sequenced in each model's feed so hot indexes drop the labels.
-5. ``shred_key``     the wrapped subject DEK row is deleted: the crypto-shred (WAL and backups too).
+5. ``shred_key``     the crypto-shred: the subject's owner key is destroyed in the key provider (a
+                     Vault transit key deleted, or a local key slot overwritten), checked absent, then
+                     the wrapped DEK row is deleted. Every copy of that wrapped DEK, and so of every
+                     blob sealed with the DEK (dead tuples, WAL, backups, object versions), stops
+                     opening for anyone, the appliance's own credentials included.
 6. ``evict_keys``    the cached DEK is evicted from this process.
 7. ``vacuum``        VACUUM of the touched tables with the owner role (outside any transaction).
 8. ``mark_erased``   subject state ``erased``.
@@ -38,6 +42,7 @@ from appliance.errors import Conflict
 from appliance.gdpr import ErasureInterrupted, ErasureNotFound, SubjectNotFound
 from appliance.gdpr.receipts import RECEIPT_TYPE, sign_receipt
 from appliance.logs import get_logger
+from appliance.subject_keys import owner_name
 
 log = get_logger(__name__)
 
@@ -180,7 +185,8 @@ def _mark_erasing(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> 
     sid = job["subject_id"]
     with state.pool.connection() as conn, conn.transaction():
         conn.execute(
-            """UPDATE subjects SET state = 'erasing', label_sealed = NULL, external_ref = NULL, updated_at = now()
+            """UPDATE subjects SET state = 'erasing', label_sealed = NULL, external_ref = NULL,
+                      external_ref_hash = NULL, external_ref_sealed = NULL, updated_at = now()
                WHERE id = %s AND state <> 'erased'""", (sid,))
         audit_log(state).record(conn, AuditEvent("subject.erase.start", progress.get("actor", "system:erasure"),
                                                  subject_id=sid, object_id=str(job["id"]),
@@ -203,10 +209,12 @@ def _delete_data(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> N
     with state.pool.connection() as conn, conn.transaction():
         conn.execute("SELECT 1 FROM subjects WHERE id = %s FOR UPDATE", (sid,))  # no enrolment races the delete
         media_rows = conn.execute("SELECT count(*) FROM media WHERE subject_id = %s", (sid,)).fetchone()[0]
+        versions = dict(conn.execute("SELECT model, max(template_version) FROM encodings WHERE subject_id = %s "
+                                     "GROUP BY model", (sid,)).fetchall())
         object_keys = sorted(delete_subject_media(state, conn, sid))
         encodings = conn.execute("DELETE FROM encodings WHERE subject_id = %s RETURNING id", (sid,)).fetchall()
         _complete(conn, job, progress, "delete_data", encodings=len(encodings), media_rows=int(media_rows),
-                  object_keys=object_keys)
+                  object_keys=object_keys, template_versions=progress.get("template_versions") or versions)
 
 
 def _purge_index(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
@@ -218,10 +226,25 @@ def _purge_index(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> N
 
 
 def _shred_key(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+    """Destroy the owner key first, then the row: a crash in between resumes here and destroys again (a no-op)."""
+    sid = job["subject_id"]
+    with state.pool.connection() as conn:
+        row = conn.execute("SELECT key_id, scheme, kek_version FROM subject_keys WHERE subject_id = %s",
+                           (sid,)).fetchone()
+    destroyed = state.subject_keys.destroy(sid)
+    if state.keys.owned_exists(owner_name(sid)):  # never sign a receipt for a key that survived
+        raise ErasureInterrupted(f"owner key of subject {sid} still exists after its destruction",
+                                 job_id=str(job["id"]), step="shred_key")
+    destroyed_at = _now()
     with state.pool.connection() as conn, conn.transaction():
-        row = conn.execute("DELETE FROM subject_keys WHERE subject_id = %s RETURNING key_id, kek_version",
-                           (job["subject_id"],)).fetchone()
-        facts = {"subject_key_id": str(row[0]), "kek_version": row[1]} if row else {"subject_key_id": None}
+        conn.execute("DELETE FROM subject_keys WHERE subject_id = %s", (sid,))
+        facts: dict[str, Any] = {"subject_key_id": str(row[0]) if row else progress.get("subject_key_id")}
+        if row is not None:
+            facts |= {"key_scheme": row[1], "kek_version": row[2]}
+        if destroyed.existed or "owner_key" not in progress:
+            facts["owner_key"] = {"provider": destroyed.provider, "location": destroyed.location,
+                                  "method": destroyed.method, "existed": destroyed.existed,
+                                  "destroyed_at": destroyed_at, "verified_absent": True}
         _complete(conn, job, progress, "shred_key", **facts)
 
 
@@ -258,16 +281,45 @@ def _mark_erased(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> N
     with state.pool.connection() as conn, conn.transaction():
         row = conn.execute(
             """UPDATE subjects SET state = 'erased', label_sealed = NULL, external_ref = NULL,
+                      external_ref_hash = NULL, external_ref_sealed = NULL,
                       erased_at = coalesce(erased_at, now()), updated_at = now()
                WHERE id = %s RETURNING erased_at""", (job["subject_id"],)).fetchone()
         _complete(conn, job, progress, "mark_erased", erased_at=ts_text(row[0]))
 
 
+SEALED_WITH_SUBJECT_DEK = ("raw encodings", "display label", "external reference",
+                           "media objects and thumbnails of the subject, every version")
+STALE_COPIES = ("live database rows", "dead tuples and free space in the database files", "WAL and any WAL archive",
+                "database backups", "deleted object versions and object-store volume files")
+
+
+def _caveats(progress: dict[str, Any]) -> list[str]:
+    """What the erasure does not make unrecoverable, stated so the receipt never claims more than is true."""
+    versions = ", ".join(f"{m} v{v}" for m, v in sorted(progress.get("template_versions", {}).items())) or "none"
+    notes = [
+        "protected templates (R*v, the searchable form) were deleted and vacuumed, but stale copies in database "
+        "free space, WAL and backups are rotations under the model's template key, not sealed with the subject "
+        f"DEK ({versions}): they stay invertible by whoever can unwrap that template key until it is destroyed by "
+        "the next template re-key (the daily retention sweep re-keys after erasures; audit action key.destroy "
+        "records it)",
+        "the audit log keeps the subject id and the actions on it (no biometric data): it is the accountability "
+        "record of this erasure",
+        "another API worker may hold the unwrapped DEK in memory for at most dek_cache_ttl seconds; never on disk",
+    ]
+    if progress.get("key_scheme") == "kek":
+        notes.insert(0, "this subject's DEK was wrapped by the shared KEK (enrolled before owner keys): older WAL "
+                        "and backups keep KEK-wrapped copies that open until the KEK versions up to "
+                        f"{progress.get('kek_version')} are destroyed")
+    return notes
+
+
 def build_receipt(job: dict[str, Any], progress: dict[str, Any]) -> dict[str, Any]:
     """The receipt, from recorded facts only: the same for a job that ran straight through or resumed."""
+    owner_key = progress.get("owner_key")
+    final = owner_key is not None and progress.get("key_scheme", "owner") == "owner"
     return {
         "type": RECEIPT_TYPE,
-        "v": 1,
+        "v": 2,
         "job_id": str(job["id"]),
         "subject_id": str(job["subject_id"]),
         "request_id": job["request_id"],
@@ -282,7 +334,18 @@ def build_receipt(job: dict[str, Any], progress: dict[str, Any]) -> dict[str, An
             "object_versions": "all versions of each object key",
             "subject_key_id": progress.get("subject_key_id"),
             "subject_key_kek_version": progress.get("kek_version"),
+            "owner_key": owner_key,
+            "template_versions": progress.get("template_versions", {}),
         },
+        "unrecoverable": {
+            "since": owner_key["destroyed_at"] if final else None,
+            "data": list(SEALED_WITH_SUBJECT_DEK),
+            "copies": list(STALE_COPIES) if final else ["live database rows"],
+            "because": "each was sealed with the subject's DEK, stored only wrapped by the subject's owner key, "
+                       "which the key provider no longer has" if final else
+                       "the rows were deleted; stale copies are not covered (see caveats)",
+        },
+        "caveats": _caveats(progress),
         "vacuumed_tables": progress.get("vacuumed", []),
         "steps": {s: progress["steps"][s] for s in STEPS if s in progress["steps"]},
     }

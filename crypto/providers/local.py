@@ -8,6 +8,12 @@ Files in ``key_dir`` (created 0700 on first use; files 0600, refused if group/ot
 - ``kek.json``: ``{"format": 1, "latest_version": N, "min_decryption_version": M,
   "keys": {"1": "<base64 32-byte AES key>", ...}}``, replaced atomically on rotate/config.
 - ``signing-ed25519.pem``: the Ed25519 signing key, PKCS#8 PEM, unencrypted.
+- ``owner-keys.bin``: a 64-byte header (``APPOWNK1``, a big-endian uint64 generation bumped by every
+  write, so each process knows when to re-read), then one 64-byte slot per owner key
+  (``SHA-256(owner) || 32-byte AES key``); an all-zero slot is free. Destroying a key overwrites its
+  slot in place with zeros and fsyncs; a new key reuses the first free slot. Overwriting in place is
+  what a file can do: on copy-on-write file systems (btrfs, ZFS) or flash that remaps writes the old
+  block may survive physically, one more reason this provider is the weaker choice.
 
 Wrapped format (scheme ``local``, format 1), ASCII like Vault's so both fit the same column::
 
@@ -23,6 +29,7 @@ import base64
 import binascii
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto.errors import AuthenticationError, CryptoError, KeyNotFound, KeyProviderUnavailable
-from crypto.providers.base import Contexts, KeyProvider, contexts_for, split_wrapped
+from crypto.providers.base import Contexts, KeyDestruction, KeyProvider, check_owner, contexts_for, split_wrapped
 
 __all__ = ["LocalFileProvider"]
 
@@ -47,7 +54,11 @@ log = logging.getLogger(__name__)
 _KEK_FILE = "kek.json"
 _SIGNING_FILE = "signing-ed25519.pem"
 _LOCK_FILE = ".lock"
+_OWNER_FILE = "owner-keys.bin"
 _NONCE_SIZE = 12
+_SLOT = 64
+_OWNED_PREFIX = b"local-owned:v1:"
+_OWNER_MAGIC = b"APPOWNK1"
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,7 @@ class LocalFileProvider(KeyProvider):
     def __init__(self, key_dir: Path) -> None:
         self.key_dir = Path(key_dir)
         self._lock = threading.Lock()
+        self._owners: tuple[bytes, dict[bytes, tuple[int, bytes]]] | None = None
         log.warning(
             "crypto: using the LOCAL FILE key provider (%s): the KEK is stored on this host's disk, "
             "which is weaker than Vault transit; use it only for offline appliances or the quick start",
@@ -218,6 +230,94 @@ class LocalFileProvider(KeyProvider):
     def kek_version(self) -> int:
         return self._current().latest_version
 
+    # --- owner keys (crypto-shred) ---------------------------------------------------------------
+
+    def _owner_fd(self) -> int:
+        fd = os.open(self._path(_OWNER_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.close(fd)
+            raise CryptoError(f"{self._path(_OWNER_FILE)} is readable by group or others")
+        return fd
+
+    def _owner_index(self, fd: int) -> dict[bytes, tuple[int, bytes]]:
+        """``{digest: (offset, key)}``, re-read only when the header's generation moved (any writer bumps it)."""
+        header = os.pread(fd, _SLOT, 0)
+        generation = header[8:16] if header[:8] == _OWNER_MAGIC else b""
+        if self._owners is not None and self._owners[0] == generation:
+            return self._owners[1]
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        index: dict[bytes, tuple[int, bytes]] = {}
+        for offset in range(_SLOT, len(data) - len(data) % _SLOT, _SLOT):
+            slot = data[offset : offset + _SLOT]
+            if any(slot):
+                index[slot[:32]] = (offset, slot[32:])
+        self._owners = (generation, index)
+        return index
+
+    def _owner_write(self, fd: int, index: dict[bytes, tuple[int, bytes]], offset: int, slot: bytes) -> None:
+        """Write one slot and bump the generation, then fsync: other processes re-read before trusting a cache."""
+        header = os.pread(fd, _SLOT, 0)
+        generation = int.from_bytes(header[8:16], "big") + 1 if header[:8] == _OWNER_MAGIC else 1
+        os.pwrite(fd, slot, offset)
+        new_header = _OWNER_MAGIC + generation.to_bytes(8, "big") + bytes(_SLOT - 16)
+        os.pwrite(fd, new_header, 0)
+        os.fsync(fd)
+        self._owners = (new_header[8:16], index)
+
+    def _owner_key(self, owner: str, create: bool) -> bytes | None:
+        digest = hashlib.sha256(check_owner(owner).encode()).digest()
+        with self._file_lock():
+            fd = self._owner_fd()
+            try:
+                index = self._owner_index(fd)
+                if digest in index or not create:
+                    return index[digest][1] if digest in index else None
+                key = AESGCM.generate_key(bit_length=256)
+                used = {offset for offset, _ in index.values()}
+                end = max(_SLOT, os.fstat(fd).st_size - os.fstat(fd).st_size % _SLOT)
+                offset = next((o for o in range(_SLOT, end, _SLOT) if o not in used), end)
+                index[digest] = (offset, key)
+                self._owner_write(fd, index, offset, digest + key)
+                return key
+            finally:
+                os.close(fd)
+
+    def wrap_owned(self, owner: str, dek: bytes, context: bytes = b"") -> bytes:
+        key = self._owner_key(owner, create=True)
+        assert key is not None
+        nonce = os.urandom(_NONCE_SIZE)
+        return _OWNED_PREFIX + base64.b64encode(nonce + AESGCM(key).encrypt(nonce, bytes(dek), _OWNED_PREFIX + context))
+
+    def unwrap_owned(self, owner: str, wrapped: bytes, context: bytes = b"") -> bytes:
+        if not bytes(wrapped).startswith(_OWNED_PREFIX):
+            raise AuthenticationError("not a local owner-wrapped key")
+        key = self._owner_key(owner, create=False)
+        if key is None:
+            raise KeyNotFound(f"owner key {owner} does not exist (destroyed by an erasure?)")
+        try:
+            raw = base64.b64decode(bytes(wrapped)[len(_OWNED_PREFIX) :], validate=True)
+            return AESGCM(key).decrypt(raw[:_NONCE_SIZE], raw[_NONCE_SIZE:], _OWNED_PREFIX + context)
+        except (InvalidTag, binascii.Error, ValueError):
+            raise AuthenticationError("owner-wrapped key failed authentication (wrong context or tampered)") from None
+
+    def owned_exists(self, owner: str) -> bool:
+        return self._owner_key(owner, create=False) is not None
+
+    def destroy_owned(self, owner: str) -> KeyDestruction:
+        digest = hashlib.sha256(check_owner(owner).encode()).digest()
+        with self._file_lock():
+            fd = self._owner_fd()
+            try:
+                index = self._owner_index(fd)
+                found = index.pop(digest, None)
+                if found is not None:
+                    self._owner_write(fd, index, found[0], bytes(_SLOT))
+            finally:
+                os.close(fd)
+        path = self._path(_OWNER_FILE)
+        where = f"slot {found[0] // _SLOT} of {path}" if found is not None else str(path)
+        return KeyDestruction("local", where, found is not None, "slot overwritten in place with zeros and fsynced")
+
     def rotate_kek(self) -> int:
         with self._file_lock():
             state = self._read_state()
@@ -264,3 +364,4 @@ class LocalFileProvider(KeyProvider):
     def close(self) -> None:
         with self._lock:
             self._state = _KekState(0, 0, {}, (0, 0))
+            self._owners = None

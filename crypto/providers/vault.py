@@ -14,6 +14,10 @@
   ``KeyProviderUnavailable``; a batch item that does not open becomes ``AuthenticationError``
   (``KeyNotFound`` for a retired or unknown KEK version), naming the item's index, never its value.
 - Wrapped values are transit ciphertexts as ASCII bytes, ``b"vault:v<N>:<base64>"``.
+- Owner keys: one derived aes256-gcm96 transit key per owner, ``<owned_key_prefix><owner>`` (e.g.
+  ``appliance-owned-subject-<uuid>``), created by transit's encrypt upsert on the first wrap (one round
+  trip) and destroyed with ``config deletion_allowed`` + ``DELETE`` (two). The policy grants these
+  rights on that prefix only, so the appliance can never delete its KEK or signing key.
 - Signatures: transit ``ed25519`` key, pure Ed25519 over the input, returned as raw 64 bytes; they are
   verified locally against the public keys, exactly as an auditor does with ``public_key_pem``.
 """
@@ -31,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from crypto.errors import AuthenticationError, CryptoError, KeyNotFound, KeyProviderUnavailable
-from crypto.providers.base import Contexts, KeyProvider, contexts_for, split_wrapped
+from crypto.providers.base import Contexts, KeyDestruction, KeyProvider, check_owner, contexts_for, split_wrapped
 from crypto.providers.vault_session import RequestTooComplex, VaultSession
 
 __all__ = ["VaultTransitProvider"]
@@ -88,6 +92,7 @@ class VaultTransitProvider(KeyProvider):
         timeout: float = 2.0,
         *,
         approle_mount: str = "approle",
+        owned_key_prefix: str = "appliance-owned-",
         batch_size: int = DEFAULT_BATCH_SIZE,
         verify: bool | str = True,
         session: requests.Session | None = None,
@@ -101,6 +106,7 @@ class VaultTransitProvider(KeyProvider):
         self.mount = mount
         self.kek_name = kek_name
         self.signing_key_name = signing_key_name
+        self.owned_key_prefix = owned_key_prefix
         self.timeout = timeout
         self.batch_size = batch_size
         self._public_keys: dict[int, Ed25519PublicKey] = {}
@@ -111,14 +117,15 @@ class VaultTransitProvider(KeyProvider):
 
     # --- transport -------------------------------------------------------------------------------
 
-    def _batch(self, operation: str, items: list[dict[str, str]], field: str) -> list[str]:
+    def _batch(self, operation: str, items: list[dict[str, str]], field: str, key: str | None = None) -> list[str]:
         """Run transit ``operation`` over items in chunks of ``batch_size``; returns ``field`` per item."""
         out: list[str] = []
-        path = f"/v1/{self.mount}/{operation}/{self.kek_name}"
+        key = key or self.kek_name
+        path = f"/v1/{self.mount}/{operation}/{key}"
         start = 0
         while start < len(items):
             chunk = items[start : start + self.batch_size]
-            what = f"transit {operation} of {len(chunk)} keys with {self.kek_name}"
+            what = f"transit {operation} of {len(chunk)} keys with {key}"
             try:
                 body = self._vault.call("post", path, what, json={"batch_input": chunk})
             except RequestTooComplex:
@@ -175,6 +182,53 @@ class VaultTransitProvider(KeyProvider):
 
     def wrapped_version(self, wrapped: bytes) -> int:
         return split_wrapped(wrapped, "vault")[0]
+
+    # --- owner keys (crypto-shred) ---------------------------------------------------------------
+
+    def _owned_name(self, owner: str) -> str:
+        return self.owned_key_prefix + check_owner(owner)
+
+    def wrap_owned(self, owner: str, dek: bytes, context: bytes = b"") -> bytes:
+        # Upsert: transit creates the key (derived, since a context is given) when it does not exist yet.
+        item = {"plaintext": _b64(bytes(dek)), "context": _derivation_contexts(context, 1)[0], "type": "aes256-gcm96"}
+        return self._batch("encrypt", [item], "ciphertext", self._owned_name(owner))[0].encode("ascii")
+
+    def unwrap_owned(self, owner: str, wrapped: bytes, context: bytes = b"") -> bytes:
+        name = self._owned_name(owner)
+        item = {"ciphertext": self._ciphertexts([wrapped])[0], "context": _derivation_contexts(context, 1)[0]}
+        try:
+            plain = self._batch("decrypt", [item], "plaintext", name)[0]
+        except CryptoError as exc:
+            if isinstance(exc, KeyProviderUnavailable) or "not found" not in str(exc):
+                raise
+            raise KeyNotFound(f"owner key {name} does not exist (destroyed by an erasure?)") from None
+        try:
+            return base64.b64decode(plain, validate=True)
+        except binascii.Error:
+            raise KeyProviderUnavailable(f"Vault at {self.addr} returned a malformed plaintext") from None
+
+    def owned_exists(self, owner: str) -> bool:
+        try:
+            self._key_info(self._owned_name(owner))
+        except KeyNotFound:
+            return False
+        return True
+
+    def destroy_owned(self, owner: str) -> KeyDestruction:
+        name = self._owned_name(owner)
+        location = f"Vault transit key {self.mount}/keys/{name} at {self.addr}"
+        existed = self.owned_exists(owner)
+        if existed:
+            self._vault.call("post", f"/v1/{self.mount}/keys/{name}/config", f"allowing deletion of {name}",
+                             json={"deletion_allowed": True})
+            try:
+                self._vault.call("delete", f"/v1/{self.mount}/keys/{name}", f"deleting {name}")
+            except CryptoError as exc:  # a concurrent destroyer won: the outcome is the same
+                if "not found" not in str(exc):
+                    raise
+        if self.owned_exists(owner):
+            raise KeyProviderUnavailable(f"{location} still exists after its deletion")
+        return KeyDestruction("vault", location, existed, "transit key deleted (all versions)")
 
     # --- KEK lifecycle ---------------------------------------------------------------------------
 

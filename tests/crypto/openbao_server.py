@@ -119,7 +119,7 @@ def isolated_vault_provider(
 ) -> VaultTransitProvider:
     """A provider on its own KEK, signing key and AppRole, so tests may rotate and retire freely."""
     suffix = secrets.token_hex(4)
-    names = {"kek_name": f"kek-{suffix}", "signing_key_name": f"sign-{suffix}"}
+    names = {"kek_name": f"kek-{suffix}", "signing_key_name": f"sign-{suffix}", "owned_key_prefix": f"owned-{suffix}-"}
     role_id, secret_id = bootstrap_vault(
         server.addr,
         server.root_token,

@@ -93,7 +93,8 @@ def holdings(admin_dsn: str, subject_id: str) -> dict[str, Any]:
         "media": "SELECT id, object_key FROM media WHERE subject_id = %(s)s "
                  "OR parent_id IN (SELECT id FROM media WHERE subject_id = %(s)s) ORDER BY id",
         "key": "SELECT key_id FROM subject_keys WHERE subject_id = %(s)s",
-        "subject": "SELECT state, label_sealed, external_ref FROM subjects WHERE id = %(s)s",
+        "subject": "SELECT state, label_sealed, external_ref, external_ref_hash, external_ref_sealed FROM subjects "
+                   "WHERE id = %(s)s",
     }
     with psycopg.connect(admin_dsn) as conn:
         return {name: conn.execute(q, {"s": subject_id}).fetchall() for name, q in queries.items()}

@@ -36,6 +36,12 @@ def _assert_receipt(receipt: dict, before: dict, subject_id: str) -> None:  # ty
     assert got["object_keys"] == want["object_keys"]
     assert got["media_rows"] >= want["media_rows_at_least"]
     assert got["subject_key_id"] == want["subject_key_id"]
+    owner = got["owner_key"]
+    assert owner["verified_absent"] and owner["existed"], owner
+    assert f"subject-{subject_id}" in owner["location"] or owner["location"].startswith("slot "), owner
+    assert receipt["unrecoverable"]["since"] == owner["destroyed_at"]
+    assert "database backups" in receipt["unrecoverable"]["copies"]
+    assert any("protected templates" in c for c in receipt["caveats"])  # never claims more than is true
     assert set(receipt["steps"]) == set(erasure.STEPS[:-1])
     assert receipt["vacuumed_tables"] == list(erasure.VACUUM_TABLES)
 
@@ -43,7 +49,7 @@ def _assert_receipt(receipt: dict, before: dict, subject_id: str) -> None:  # ty
 def _assert_nothing_remains(state, admin_dsn: str, subject_id: str, before: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
     after = holdings(admin_dsn, subject_id)
     assert after["encodings"] == [] and after["media"] == [] and after["key"] == []
-    assert after["subject"] == [("erased", None, None)]
+    assert after["subject"] == [("erased", None, None, None, None)]
     for _, key in before["media"]:
         if key is not None:
             assert object_versions(state, key) == [], key
