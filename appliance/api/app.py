@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import __version__
-from appliance.api import health, problems
+from appliance.api import health, openapi, problems
 from appliance.api.middleware import RequestContext
 from appliance.api.state import AppState
 from appliance.logs import configure_logging, get_logger
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for register in _feature_routers():
         register(app)
+    openapi.install(app)
     app.add_middleware(
         RequestContext,
         max_body_bytes=settings.max_body_bytes,

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from appliance.api.deps import AuditKey, StateDep
+from appliance.api.openapi import problems
 from appliance.api.types import IsoDatetime, SafeText
 from appliance.audit import AuditEvent
 from appliance.audit.export import ExportError, ExportFilter, export_lines
@@ -24,11 +25,20 @@ log = get_logger(__name__)
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
 
+class PemResponse(PlainTextResponse):
+    """Text served as ``application/x-pem-file``; as the response class, it is also what OpenAPI lists."""
+
+    media_type = "application/x-pem-file"
+
+
 @router.get(
     "/export",
     summary="Export audit records with checkpoints and the public key (JSONL or CSV, streamed)",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}},
+    responses={200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}},
+                                 "text/csv": {"schema": {"type": "string"}}},
+                     "headers": {"Content-Disposition": {"required": True, "schema": {"type": "string"}}}},
+               **problems(400)},
 )
 def export(
     request: Request,
@@ -57,9 +67,9 @@ def export(
 
 
 @router.get("/public-key", summary="The Ed25519 public key (PEM) that signs checkpoints, exports and receipts",
-            response_class=PlainTextResponse)
-def public_key(_: AuditKey, state: StateDep) -> PlainTextResponse:
-    return PlainTextResponse(state.keys.public_key_pem().decode(), media_type="application/x-pem-file")
+            response_class=PemResponse)
+def public_key(_: AuditKey, state: StateDep) -> PemResponse:
+    return PemResponse(state.keys.public_key_pem().decode())
 
 
 def _start(state: Any) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from appliance.api.state import AppState
 from appliance.auth import ApiKey, Scope, require
@@ -24,6 +25,16 @@ def _check(request: Request, authorization: str | None, scope: Scope) -> ApiKey:
     return key
 
 
+# The API keys as an OpenAPI security scheme: FastAPI lists it, with the scope, on each operation that
+# depends on ``authorized(scope)``. ``auto_error=False``: it only declares; ``_check`` decides.
+BEARER = HTTPBearer(
+    scheme_name="apiKey", bearerFormat="apl_<prefix>_<secret>", auto_error=False,
+    description="An API key (`appliance apikey create`, or `POST /v1/apikeys`). Each operation's security "
+    "requirement names the scope it needs: `match`, `enroll`, `media`, `audit` or `admin`; `admin` implies "
+    "every other scope, and an empty list means any valid key.",
+)
+
+
 def authorized(scope: Scope) -> Callable[..., Awaitable[ApiKey]]:
     """A dependency that authenticates the bearer key (cached) and checks one scope.
 
@@ -33,6 +44,8 @@ def authorized(scope: Scope) -> Callable[..., Awaitable[ApiKey]]:
     async def dependency(
         request: Request,
         authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+        # A default, not Annotated: annotations are strings here, resolved without this closure's ``scope``.
+        _: HTTPAuthorizationCredentials | None = Security(BEARER, scopes=[scope.value]),
     ) -> ApiKey:
         return _check(request, authorization, scope)
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.api.deps import EnrollKey, StateDep
 from appliance.api.match import vector_errors
+from appliance.api.openapi import problems, requires
 from appliance.api.types import SafeText
 from appliance.auth import Scope, require
 from appliance.bulk_enrolment import BulkEnrolment
@@ -62,7 +63,7 @@ def _model_dim(state: Any, model: str) -> int:
 
 @router.post(
     "/subjects/{subject_id}/encodings", response_model=EncodingsCreated, status_code=status.HTTP_201_CREATED,
-    summary="Enrol one or more embeddings of a subject",
+    summary="Enrol one or more embeddings of a subject", responses=problems(409, 410, 415),
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": EncodingsCreate.model_json_schema()},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary",
@@ -103,15 +104,36 @@ async def create_encodings(
                                                    template_version=e.template_version) for e in enrolled])
 
 
+_BULK_FIELDS = {
+    "subject_id": {"type": "string", "format": "uuid", "description": "An existing subject."},
+    "external_ref": {"type": "string", "minLength": 1, "maxLength": 200,
+                     "description": "Your id for the person; the subject is created on first use."},
+    "model": {"type": "string", "description": "A configured model."},
+    "vector": {"type": "array", "items": {"type": "number"}, "description": "The model's dimension."},
+}
+_BULK_LINE = {"oneOf": [  # exactly one of subject_id and external_ref
+    {"type": "object", "required": [who, "model", "vector"], "properties": _BULK_FIELDS}
+    for who in ("subject_id", "external_ref")]}
+_BULK_DOC = {
+    **requires(Scope.ENROLL),
+    "parameters": [{"name": "Idempotency-Key", "in": "header", "required": True,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    "description": "Names this load: send the same body with the same key to resume it."}],
+    "requestBody": {"required": True, "content": {media: {"schema": {
+        "type": "array", "items": _BULK_LINE,
+        "description": "NDJSON: each item is one line, a JSON object; blank lines are skipped."}}
+        for media in ("application/x-ndjson", "application/jsonl")}},
+}
+
+
 @router.post(
     "/encodings:bulk", response_model=BulkResult, summary="Bulk enrolment from NDJSON, resumable by Idempotency-Key",
-    openapi_extra={"requestBody": {"required": True, "content": {"application/x-ndjson": {"schema": {
-        "type": "string",
-        "description": 'one JSON object a line: {"subject_id"|"external_ref", "model", "vector"}'}}}}},
+    openapi_extra=_BULK_DOC, responses=problems(400, 409, 415),
 )
 async def bulk_encodings(
     request: Request, state: StateDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    # Declared required in _BULK_DOC; read as optional so that its absence is a 400 that says what to send.
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", include_in_schema=False)] = None,
 ) -> BulkResult:
     key = state.api_keys.authenticate(request.headers.get("authorization"))
     require(key, Scope.ENROLL)

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from appliance.api.deps import AdminKey, StateDep
+from appliance.api.openapi import problems
 from appliance.gdpr import erasure
 from appliance.gdpr.export import access_archive
 
@@ -39,7 +40,11 @@ class ErasureOut(BaseModel):
                    updated_at=job["updated_at"], finished_at=job["finished_at"])
 
 
-@router.delete("/subjects/{subject_id}", response_model=ErasureOut,
+@router.delete("/subjects/{subject_id}", response_model=ErasureOut, responses={
+    200: {"links": {"GetErasure": {"operationId": "get_erasure_v1_erasures__job_id__get",
+                                   "parameters": {"job_id": "$response.body#/id"},
+                                   "description": "The erasure job: its progress, then its signed receipt."}}},
+    **problems(409)},
                summary="Erase a subject: tombstone, delete, crypto-shred, VACUUM; returns the signed receipt")
 def erase_subject(subject_id: uuid.UUID, request: Request, key: AdminKey, state: StateDep) -> ErasureOut:
     job_id = erasure.start_erasure(state, subject_id, key.actor, getattr(request.state, "request_id", None))
@@ -52,7 +57,9 @@ def get_erasure(job_id: uuid.UUID, _: AdminKey, state: StateDep) -> ErasureOut:
 
 
 @router.get("/subjects/{subject_id}/export", summary="Access/portability export: a signed zip of the subject's data",
-            response_class=StreamingResponse, responses={200: {"content": {"application/zip": {}}}})
+            response_class=StreamingResponse, responses={200: {
+                "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+                "headers": {"Content-Disposition": {"required": True, "schema": {"type": "string"}}}}})
 def export_subject(subject_id: uuid.UUID, request: Request, key: AdminKey, state: StateDep) -> StreamingResponse:
     body = access_archive(state, subject_id, key.actor, getattr(request.state, "request_id", None))
     return StreamingResponse(body, media_type="application/zip",

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from appliance import auth
 from appliance.api.deps import AdminKey, StateDep
+from appliance.api.openapi import requires
 from appliance.audit import AuditEvent
 from appliance.audit.log import audit_log
 from appliance.auth import ApiKey, Scope
@@ -48,7 +49,8 @@ class KeyCreated(KeyInfo):
     token: str = Field(description="The bearer token. Shown once; only its hash is stored.")
 
 
-@router.get("/whoami", response_model=KeyInfo, summary="The calling API key and its scopes")
+@router.get("/whoami", response_model=KeyInfo, summary="The calling API key and its scopes",
+            openapi_extra=requires(None))
 def whoami(key: Annotated[ApiKey, Depends(any_key)]) -> KeyInfo:
     return KeyInfo.of(key)
 

@@ -29,6 +29,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.api.middleware import LATENCY, REQUEST_ID_RE, REQUESTS
+from appliance.api.openapi import problems, requires
 from appliance.api.problems import PROBLEM, map_dependency_error, problem_document, problem_headers
 from appliance.api.types import SafeText
 from appliance.audit import AuditEvent
@@ -112,7 +113,14 @@ def vector_errors() -> _VectorErrors:
 
 
 def _raw_body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    return {"requestBody": {"content": {
+    """The two bodies a match door reads itself (so FastAPI cannot see them), and the query options that
+    go with a raw float32 body."""
+    options = MatchOptions.model_json_schema()
+    query = [{"name": name, "in": "query", "required": False, "schema": field,
+              "description": "With a raw float32 body only (a JSON body carries its options)."
+              + (" Required there." if name in options.get("required", ()) else "")}
+             for name, field in options["properties"].items()]
+    return {**requires(Scope.MATCH), "parameters": query, "requestBody": {"content": {
         "application/json": {"schema": model.model_json_schema()},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                                 "description": "n x dim little-endian float32; options in the query"}},
@@ -231,18 +239,19 @@ async def _routed(request: Request, batch: bool) -> Response:
 
 
 @router.post("/match", response_model=MatchResponse, summary="Who is this? One embedding against the index",
-             openapi_extra=_raw_body_doc(MatchRequest))
+             openapi_extra=_raw_body_doc(MatchRequest), responses=problems(415))
 async def match(request: Request) -> Response:
     return await _routed(request, batch=False)
 
 
 @router.post("/match:batch", response_model=MatchBatchResponse, summary=f"Up to {MAX_BATCH} embeddings at once",
-             openapi_extra=_raw_body_doc(MatchBatchRequest))
+             openapi_extra=_raw_body_doc(MatchBatchRequest), responses=problems(415))
 async def match_batch(request: Request) -> Response:
     return await _routed(request, batch=True)
 
 
-@router.get("/index", summary="Hot index status of this worker: readiness, sizes, kinds, feed positions")
+@router.get("/index", summary="Hot index status of this worker: readiness, sizes, kinds, feed positions",
+            openapi_extra=requires(Scope.MATCH))
 def index_status(request: Request) -> dict[str, Any]:
     _authorize(request)
     return request.app.state.appliance.extras["matcher"].status()  # type: ignore[no-any-return]

@@ -18,6 +18,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from appliance import errors
 from appliance.api.deps import MediaKey, StateDep
+from appliance.api.openapi import problems
 from appliance.api.problems import problem
 from appliance.api.state import AppState
 from appliance.api.types import IsoDatetime, SafeText
@@ -82,7 +83,7 @@ _UPLOAD_BODY = {
         "with one file part and optional fields subject_id, camera_id, captured_at, kind.",
         "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                 "file": {"type": "string", "format": "binary"}, "subject_id": {"type": "string"},
                 "camera_id": {"type": "string"}, "captured_at": {"type": "string"}, "kind": {"type": "string"}}}},
         },
@@ -91,6 +92,7 @@ _UPLOAD_BODY = {
 
 
 @router.post("", response_model=MediaInfo, status_code=status.HTTP_201_CREATED, openapi_extra=_UPLOAD_BODY,
+             responses=problems(400, 404, 409, 415),
              summary="Upload an image or clip (validated, metadata stripped, sealed, thumbnailed)")
 async def upload_media(
     request: Request,
@@ -149,7 +151,18 @@ def list_media(
     return MediaPage(items=[MediaInfo.of(r, thumbs.get(r.id, [])) for r in rows], next_cursor=next_cursor)
 
 
-_STREAM = {200: {"content": {"image/*": {}, "video/*": {}}}, 206: {"description": "Partial content (Range)"}}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_CONTENT_HEADERS = {
+    "ETag": {"required": True, "schema": {"type": "string"}, "description": "The quoted hex SHA-256 of the content"},
+    "Accept-Ranges": {"required": True, "schema": {"type": "string", "enum": ["bytes"]}},
+    "Content-Length": {"required": True, "schema": {"type": "integer", "minimum": 0}},
+}
+_STREAM = {
+    200: {"content": {"image/*": _BINARY, "video/*": _BINARY}, "headers": _CONTENT_HEADERS},
+    206: {"description": "Partial content (Range)", "content": {"image/*": _BINARY, "video/*": _BINARY},
+          "headers": {**_CONTENT_HEADERS, "Content-Range": {"required": True, "schema": {"type": "string"}}}},
+    **problems(410, 416),
+}
 
 
 @router.get("/{media_id}", response_class=StreamingResponse, responses=_STREAM,  # type: ignore[dict-item]
@@ -166,19 +179,21 @@ def download_media(
 
 
 @router.get("/{media_id}/thumbnail", response_class=StreamingResponse,
-            responses={200: {"content": {"image/webp": {}}}}, summary="Download a WebP thumbnail")
+            responses={200: {"content": {"image/webp": _BINARY}, "headers": _CONTENT_HEADERS}, **problems(410)},
+            summary="Download a WebP thumbnail")
 def download_thumbnail(
     media_id: uuid.UUID,
     request: Request,
     key: MediaKey,
     state: StateDep,
-    size: Annotated[int, Query(description="Longest side in pixels: 128 or 256")] = 256,
+    size: Annotated[int, Query(description="Longest side in pixels: 128 or 256",
+                               json_schema_extra={"enum": [128, 256]})] = 256,
 ) -> StreamingResponse:
     dl = media_service(state).thumbnail(media_id, size, _auditor(state, key, request))
     return StreamingResponse(dl.body, status_code=dl.status, media_type=dl.row.content_type, headers=dl.headers)
 
 
-@router.delete("/{media_id}", status_code=status.HTTP_204_NO_CONTENT,
+@router.delete("/{media_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problems(409),
                summary="Delete media, its thumbnails and every stored object version")
 def delete_media(media_id: uuid.UUID, request: Request, key: MediaKey, state: StateDep) -> Response:
     media_service(state).delete(media_id, _auditor(state, key, request))

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from appliance.errors import ApplianceError, DependencyUnavailable
 from appliance.logs import get_logger
@@ -32,10 +33,24 @@ def problem_headers(status: int) -> dict[str, str] | None:
     return None
 
 
-def problem(status: int, title: str, detail: str, slug: str, request: Request, **extra: Any) -> JSONResponse:
+def problem(status: int, title: str, detail: str, slug: str, request: Request, headers: dict[str, str] | None = None,
+            **extra: Any) -> JSONResponse:
     body = problem_document(status, title, detail, slug, request.url.path,
                             getattr(request.state, "request_id", None), **extra)
-    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=problem_headers(status))
+    return JSONResponse(body, status_code=status, media_type=PROBLEM,
+                        headers={**(problem_headers(status) or {}), **(headers or {})} or None)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` value of a 405: each method some route fully matches for this path. The router's
+    own value names only the first route that matched the path, and ``/v1/subjects/{id}`` has one
+    route per method. Probing through ``BaseRoute.matches`` works however the routes are nested."""
+    routes = request.app.router.routes
+    return ", ".join(m for m in _METHODS
+                     if any(route.matches({**request.scope, "method": m})[0] == Match.FULL for route in routes))
 
 
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -57,17 +72,23 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http")
-        return problem(exc.status_code, str(exc.detail), str(exc.detail), slug, request)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
+        return problem(exc.status_code, str(exc.detail), str(exc.detail), slug, request, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette runs this handler outside every middleware, so RequestContext cannot add the id header.
+        rid = getattr(request.state, "request_id", None)
+        headers = {"X-Request-Id": rid} if rid else None
         mapped = map_dependency_error(exc)
         if mapped is not None:
             log.warning("dependency_unavailable", error=type(exc).__name__, path=request.url.path)
-            return problem(503, mapped.title, mapped.detail, mapped.type_slug, request)
+            return problem(503, mapped.title, mapped.detail, mapped.type_slug, request, headers=headers)
         log.error("unhandled_error", error=type(exc).__name__, path=request.url.path)
         return problem(500, "Internal error", "an unexpected error occurred; see the request id in logs",
-                       "internal", request)
+                       "internal", request, headers=headers)
 
 
 def map_dependency_error(exc: Exception) -> DependencyUnavailable | None:

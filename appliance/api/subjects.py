@@ -15,6 +15,7 @@ from fastapi import APIRouter, FastAPI, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.api.deps import EnrollKey, StateDep
+from appliance.api.openapi import problems
 from appliance.api.types import SafeText
 from appliance.audit import AuditEvent
 from appliance.enrolment import external_ref_aad, label_aad
@@ -82,7 +83,8 @@ def _subject(state: Any, conn: psycopg.Connection, row: tuple[Any, ...], with_la
                    created_at=row[4], updated_at=row[5])
 
 
-@router.post("/subjects", response_model=Subject, status_code=status.HTTP_201_CREATED, summary="Create a subject")
+@router.post("/subjects", response_model=Subject, status_code=status.HTTP_201_CREATED, summary="Create a subject",
+             responses=problems(409))
 def create_subject(body: SubjectCreate, request: Request, _: EnrollKey, state: StateDep) -> Subject:
     sid = uuid.uuid4()
     with state.pool.connection() as conn, conn.transaction():
@@ -141,7 +143,8 @@ def list_subjects(
     return SubjectPage(items=items, next_after=items[-1].id if len(rows) > limit else None)
 
 
-@router.patch("/subjects/{subject_id}", response_model=Subject, summary="Change the display label")
+@router.patch("/subjects/{subject_id}", response_model=Subject, summary="Change the display label",
+              responses=problems(409, 410))
 def patch_subject(subject_id: uuid.UUID, body: SubjectPatch, request: Request, _: EnrollKey,
                   state: StateDep) -> Subject:
     with state.pool.connection() as conn, conn.transaction():
