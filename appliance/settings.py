@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -154,6 +154,13 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_var_dir(cls, v: Path) -> Path:
         return v.resolve()
+
+    @model_validator(mode="after")
+    def _commit_guard_below_request_bound(self) -> Settings:
+        """A COMMIT that reached a stopped server must be refused there before the client gives up on it."""
+        if self.db_commit_guard >= self.db_request_timeout:
+            raise ValueError("db_commit_guard must be below db_request_timeout (README, 'Timeouts')")
+        return self
 
     @property
     def key_dir(self) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "DecodeBusy",
     "MalformedMedia",
     "MediaConflict",
     "MediaError",
@@ -63,5 +64,11 @@ class RangeNotSatisfiable(MediaError):
 
 class StoreUnavailable(MediaError):
     """The S3 object store is down or too slow; callers retry later."""
+
+    status = 503
+
+
+class DecodeBusy(MediaError):
+    """Other uploads hold the image decode memory budget for too long; callers retry later."""
 
     status = 503

@@ -11,8 +11,6 @@ and a Range read fetches only the ciphertext segments covering it.
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -28,6 +26,7 @@ from crypto.errors import AuthenticationError
 from crypto.stream import HEADER_SIZE, open_range, open_stream, parse_header, sealed_size, segment_span
 from media import records
 from media.crypt import SEGMENT_SIZE, DekReserve, ObjectDek, media_aad, seal_bytes, seal_chunks, wrap_context
+from media.decode_budget import DecodeBudget
 from media.errors import (
     MalformedMedia,
     MediaConflict,
@@ -52,11 +51,14 @@ CLIP_READ = 256 * 1024
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-kind caps (settings ``media_max_image_bytes``, ``media_max_clip_bytes``, ``media_max_image_pixels``)."""
+    """Per-kind caps (settings ``media_max_image_bytes``, ``media_max_clip_bytes``, ``media_max_image_pixels``)
+    and the image decode budget shared by concurrent uploads (``media_decode_budget_bytes``, ``media_decode_wait``)."""
 
     image_bytes: int = 20 * MiB
     clip_bytes: int = 256 * MiB
     image_pixels: int = 50_000_000
+    decode_budget: int = 256 * MiB
+    decode_wait: float = 30.0
 
     @property
     def largest(self) -> int:
@@ -128,8 +130,8 @@ class MediaService:
         self.dek_cache = dek_cache or DekCache(1000, 60.0)  # clip players issue many Range reads
         self.bucket_ready = False
         self.deks = DekReserve(lambda: self.source.keys)
-        # Decoding is CPU-bound and a 50 MP image needs ~150 MB: more decodes than cores only add memory.
-        self._decode_slots = threading.BoundedSemaphore(os.cpu_count() or 2)
+        # One budget for every upload of the process: N concurrent uploads share one decode peak.
+        self.decode_budget = DecodeBudget(self.limits.decode_budget, self.limits.decode_wait)
 
     def close(self) -> None:
         self.deks.clear()
@@ -181,9 +183,8 @@ class MediaService:
         data = head + read_up_to(reader, cap + 1 - len(head))
         if len(data) > cap:
             raise MediaTooLarge(f"images are capped at {cap} bytes")
-        with self._decode_slots:
-            clean = sanitize_image(data, fmt, self.limits.image_pixels)
-            thumbs = make_thumbnails(clean.preview)
+        clean = sanitize_image(data, fmt, self.limits.image_pixels, budget=self.decode_budget)
+        thumbs = make_thumbnails(clean.preview)  # from the small preview: outside the budget
         key, *thumb_keys = self._keys(1 + len(thumbs), subject_dek)  # after validation: bad input is 4xx, not 503
         where = object_key(key.media_id, new.now)
         image = new.row(key, object_key=where, content_type=clean.content_type, size_bytes=len(clean.data),

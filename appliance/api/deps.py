@@ -10,14 +10,19 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from appliance.api.state import AppState
 from appliance.auth import ApiKey, Scope, require
+from appliance.db.pool import serve_requests
 
 
 async def get_state(request: Request) -> AppState:
-    """``async`` so FastAPI calls it on the event loop: a sync dependency costs a thread-pool hop."""
+    """``async`` so FastAPI calls it on the event loop: a sync dependency costs a thread-pool hop.
+
+    Also marks the request's context, so its database waits get the request bounds (``appliance.db.pool``)."""
+    serve_requests()
     return request.app.state.appliance  # type: ignore[no-any-return]
 
 
 def _check(request: Request, authorization: str | None, scope: Scope) -> ApiKey:
+    serve_requests()  # before authenticate: a key unseen since the last refresh is looked up in PostgreSQL
     state: AppState = request.app.state.appliance
     key = state.api_keys.authenticate(authorization)
     require(key, scope)

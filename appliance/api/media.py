@@ -206,6 +206,8 @@ def media_limits(settings: Settings) -> Limits:
         image_bytes=int(settings.media_max_image_bytes),
         clip_bytes=int(settings.media_max_clip_bytes),
         image_pixels=int(settings.media_max_image_pixels),
+        decode_budget=int(settings.media_decode_budget_bytes),
+        decode_wait=float(settings.media_decode_wait),
     )
 
 

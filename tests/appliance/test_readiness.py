@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -44,4 +45,33 @@ def test_readiness_turns_503_when_a_server_stops_and_recovers(client, stack, ser
     finally:
         target.start()
         stack._save()
+    _wait_ready(client)
+
+
+@pytest.mark.parametrize("service", ["s3", "postgres"])
+def test_a_frozen_server_is_the_only_dependency_readiness_names(isolated, service) -> None:  # type: ignore[no-untyped-def]
+    """Issue 17: with S3 frozen (SIGSTOP) and uploads waiting on it, /readyz reported Vault down too,
+    in 3 of 8 polls. Each dependency is checked on a thread of its own, so only the frozen one fails."""
+    from tests.appliance.own_servers import frozen
+    from tests.media import samples
+
+    client = isolated.client
+    _wait_ready(client)
+    photo = samples.jpeg()
+    target = {"s3": isolated.s3, "postgres": isolated.pg}[service]
+    uploads: list[threading.Thread] = []
+    with frozen(target):
+        for _ in range(4):  # work that waits on the frozen server meanwhile, as in the probe
+            upload = threading.Thread(target=client.post, args=("/v1/media",), daemon=True, kwargs={
+                "content": photo, "headers": {**isolated.headers, "Content-Type": "image/jpeg"}})
+            upload.start()
+            uploads.append(upload)
+        for _ in range(8):
+            started = time.monotonic()
+            code, body = _ready(client)
+            assert code == 503, body
+            assert sorted(k for k, v in body["checks"].items() if not v["ok"]) == [service], body
+            assert time.monotonic() - started < 5, "readiness must not hang on a frozen server"
+    for upload in uploads:
+        upload.join(60)
     _wait_ready(client)
