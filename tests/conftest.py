@@ -26,9 +26,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from appliance.db.migrate import migrate
     from appliance.stack.manager import Stack
     from appliance.stack.process import free_port
+    from appliance.stack.services import StackExtraMissing
 
     var_dir = ROOT / "var" / "test" / f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
     s = Stack(var_dir, persistent_vault=True, api_port=free_port())
+    try:
+        s.require_servers()
+    except StackExtraMissing as exc:
+        pytest.fail(f"the tests run against the local stack: {exc}", pytrace=False)
     try:
         s.up()
         migrate(_load(s.config_file)["database_admin_url"])

@@ -83,7 +83,13 @@ class Stack:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     # --- commands ------------------------------------------------------------------------
+    def require_servers(self) -> None:
+        """Fail before anything starts when a server's wheel is missing (installed without the ``stack`` extra)."""
+        for service in self.services:
+            service.executable()
+
     def up(self, with_api: bool = False) -> None:
+        self.require_servers()
         with self._locked():
             taken = {p for service in self.services for p in service.ports()} | {self._state["api"]["port"]}
             for service in self.services:

