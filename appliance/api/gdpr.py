@@ -59,7 +59,8 @@ def get_erasure(job_id: uuid.UUID, _: AdminKey, state: StateDep) -> ErasureOut:
 @router.get("/subjects/{subject_id}/export", summary="Access/portability export: a signed zip of the subject's data",
             response_class=StreamingResponse, responses={200: {
                 "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
-                "headers": {"Content-Disposition": {"required": True, "schema": {"type": "string"}}}}})
+                "headers": {"Content-Disposition": {"required": True, "schema": {"type": "string"}}}},
+                **problems(409)})
 def export_subject(subject_id: uuid.UUID, request: Request, key: AdminKey, state: StateDep) -> StreamingResponse:
     body = access_archive(state, subject_id, key.actor, getattr(request.state, "request_id", None))
     return StreamingResponse(body, media_type="application/zip",

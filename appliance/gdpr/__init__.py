@@ -19,3 +19,8 @@ class ErasureNotFound(NotFound, GdprError):
 
 class ErasureInterrupted(DependencyUnavailable, GdprError):
     """An erasure step failed (a server was down, or a test injected a failure); retrying resumes it."""
+
+
+# Advisory-lock namespace held (shared) by an access export while it streams, and taken (exclusive)
+# by the erasure before it deletes: an erasure never cuts an export in the middle of its zip.
+EXPORT_LOCK = 0x45585054  # "EXPT"

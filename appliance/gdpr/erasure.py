@@ -39,7 +39,7 @@ from appliance.audit import AuditEvent
 from appliance.audit.chain import ts_text
 from appliance.audit.log import audit_log
 from appliance.errors import Conflict
-from appliance.gdpr import ErasureInterrupted, ErasureNotFound, SubjectNotFound
+from appliance.gdpr import EXPORT_LOCK, ErasureInterrupted, ErasureNotFound, SubjectNotFound
 from appliance.gdpr.receipts import RECEIPT_TYPE, sign_receipt
 from appliance.logs import get_logger
 from appliance.subject_keys import owner_name
@@ -149,7 +149,7 @@ def _run_locked(state: Any, job_id: uuid.UUID) -> dict[str, Any]:
             _STEP_FUNCS[step](state, job, progress)
         except Exception as exc:
             _failed(state, job_id, step, exc)
-            if isinstance(exc, InjectedFailure):
+            if isinstance(exc, InjectedFailure | Conflict):
                 raise
             raise ErasureInterrupted(f"erasure {job_id} stopped at step {step!r} ({type(exc).__name__}); "
                                      "retry or restart to resume it", job_id=str(job_id), step=step) from exc
@@ -208,6 +208,11 @@ def _delete_data(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> N
     sid = job["subject_id"]
     with state.pool.connection() as conn, conn.transaction():
         conn.execute("SELECT 1 FROM subjects WHERE id = %s FOR UPDATE", (sid,))  # no enrolment races the delete
+        try:  # an access export streaming this subject's zip finishes first (appliance.gdpr.export)
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (EXPORT_LOCK, str(sid)))
+        except psycopg.errors.LockNotAvailable:
+            raise Conflict(f"an access export of subject {sid} is streaming; retry the erasure when it has "
+                           "finished (the job resumes where it stopped)") from None
         media_rows = conn.execute("SELECT count(*) FROM media WHERE subject_id = %s", (sid,)).fetchone()[0]
         versions = dict(conn.execute("SELECT model, max(template_version) FROM encodings WHERE subject_id = %s "
                                      "GROUP BY model", (sid,)).fetchall())
@@ -267,9 +272,17 @@ def _vacuum(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
     admin = state.settings.database_admin_url
     vacuumed: list[str] = []
     if admin is not None:
-        with psycopg.connect(admin.get_secret_value(), autocommit=True) as conn:
+        from appliance.db.pool import BoundedConnection, connection_kwargs
+
+        settings = state.settings
+        with BoundedConnection.connect(admin.get_secret_value(), autocommit=True,
+                                       **connection_kwargs(settings)) as conn:
+            # Bounded like any job: a frozen server fails the step (the job resumes) instead of the request
+            # hanging; a live one cancels a VACUUM past db_job_timeout itself.
+            conn.reply_timeout = settings.db_job_timeout + settings.db_request_timeout
+            conn.execute(f"SET statement_timeout = {int(settings.db_job_timeout * 1000)}".encode())
             for table in VACUUM_TABLES:  # VACUUM cannot run inside a transaction block
-                conn.execute(f"VACUUM (ANALYZE) {table}")
+                conn.execute(f"VACUUM (ANALYZE) {table}".encode())
                 vacuumed.append(table)
     else:
         log.warning("erasure: no database_admin_url, VACUUM skipped", job_id=str(job["id"]))

@@ -26,7 +26,8 @@ from appliance.audit.chain import canonical_json, ts_text
 from appliance.audit.checkpoints import provider_key_id
 from appliance.audit.export import records_of
 from appliance.audit.log import audit_log
-from appliance.gdpr import SubjectNotFound
+from appliance.errors import Conflict
+from appliance.gdpr import EXPORT_LOCK, SubjectNotFound
 
 MANIFEST_TYPE = "appliance-subject-export"
 _EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "video/mp4": "mp4", "video/webm": "webm"}
@@ -56,41 +57,88 @@ def _subject_dek(state: Any, conn: Any, subject_id: uuid.UUID) -> bytes | None:
 
 
 def access_archive(state: Any, subject_id: uuid.UUID, actor: str, request_id: str | None) -> Iterator[bytes]:
-    """Check, audit and gather (raising before any byte is sent), then return the zip stream."""
+    """Check, audit and gather (raising before any byte is sent), then return the zip stream.
+
+    The subject's export lock is held until the stream ends, so an erasure waits for it (or answers
+    409 after ``db_lock_timeout``) instead of deleting objects under a half-sent zip."""
+    lock = _hold_export_lock(state, subject_id)
+    try:
+        with state.pool.connection() as conn, conn.transaction():
+            _, meta, encodings, media, dek = _gather(state, conn, subject_id, actor, request_id)
+    except BaseException:
+        _release(state, lock)
+        raise
+
+    def stream() -> Iterator[bytes]:
+        try:
+            yield from _stream(state, subject_id, meta, encodings, media, dek)
+        finally:
+            _release(state, lock)
+
+    return stream()
+
+
+def _hold_export_lock(state: Any, subject_id: uuid.UUID) -> Any:
+    """A pooled connection holding the subject's export lock (shared) until the zip is streamed."""
+    conn = state.pool.getconn()
+    try:
+        conn.autocommit = True
+        held = conn.execute("SELECT pg_try_advisory_lock_shared(%s, hashtext(%s))",
+                            (EXPORT_LOCK, str(subject_id))).fetchone()[0]
+    except BaseException:
+        state.pool.putconn(conn)
+        raise
+    if not held:
+        state.pool.putconn(conn)
+        raise Conflict(f"subject {subject_id} is being erased; its export is no longer available")
+    return conn
+
+
+def _release(state: Any, conn: Any) -> None:
+    try:
+        conn.execute("SELECT pg_advisory_unlock_all()")
+        conn.autocommit = False
+    except Exception:  # the connection broke: closing it releases the lock anyway
+        conn.close()
+    state.pool.putconn(conn)
+
+
+def _gather(state: Any, conn: Any, subject_id: uuid.UUID, actor: str,
+            request_id: str | None) -> tuple[Any, dict[str, Any], list[dict[str, Any]], list[Any], bytes | None]:
+    """Check, audit and read everything (raising before any byte is sent)."""
     from appliance.enrolment import encoding_aad, external_ref_aad, label_aad
     from crypto.seal import open_sealed
 
-    with state.pool.connection() as conn, conn.transaction():
-        cur = conn.cursor(row_factory=dict_row)
-        subject = cur.execute("SELECT * FROM subjects WHERE id = %s", (subject_id,)).fetchone()
-        if subject is None:
-            raise SubjectNotFound(f"no subject {subject_id}")
-        dek = _subject_dek(state, conn, subject_id)
-        label = None
-        if subject["label_sealed"] is not None and dek is not None:
-            label = open_sealed(dek, bytes(subject["label_sealed"]), label_aad(subject_id)).decode()
-        external_ref = subject["external_ref"]  # plaintext only on rows from before migration 0008
-        if subject["external_ref_sealed"] is not None and dek is not None:
-            external_ref = open_sealed(dek, bytes(subject["external_ref_sealed"]),
-                                       external_ref_aad(subject_id)).decode()
-        encodings = []
-        for row in cur.execute("SELECT id, model, template_version, raw_sealed, created_at FROM encodings "
-                               "WHERE subject_id = %s ORDER BY created_at, id", (subject_id,)).fetchall():
-            raw = open_sealed(dek, bytes(row["raw_sealed"]), encoding_aad(subject_id, row["id"], row["model"]))
-            encodings.append({"id": str(row["id"]), "model": row["model"], "template_version": row["template_version"],
-                              "created_at": ts_text(row["created_at"]),
-                              "vector": np.frombuffer(raw, "<f4").astype(float).tolist()})
-        media = cur.execute("SELECT * FROM media WHERE subject_id = %s ORDER BY created_at, id",
-                            (subject_id,)).fetchall()
-        audit_log(state).record(conn, AuditEvent(
-            "subject.export", actor, subject_id=subject_id, request_id=request_id,
-            details={"encodings": len(encodings), "media": len(media)}))
+    cur = conn.cursor(row_factory=dict_row)
+    subject = cur.execute("SELECT * FROM subjects WHERE id = %s", (subject_id,)).fetchone()
+    if subject is None:
+        raise SubjectNotFound(f"no subject {subject_id}")
+    dek = _subject_dek(state, conn, subject_id)
+    label = None
+    if subject["label_sealed"] is not None and dek is not None:
+        label = open_sealed(dek, bytes(subject["label_sealed"]), label_aad(subject_id)).decode()
+    external_ref = subject["external_ref"]  # plaintext only on rows from before migration 0008
+    if subject["external_ref_sealed"] is not None and dek is not None:
+        external_ref = open_sealed(dek, bytes(subject["external_ref_sealed"]),
+                                   external_ref_aad(subject_id)).decode()
+    encodings = []
+    for row in cur.execute("SELECT id, model, template_version, raw_sealed, created_at FROM encodings "
+                           "WHERE subject_id = %s ORDER BY created_at, id", (subject_id,)).fetchall():
+        raw = open_sealed(dek, bytes(row["raw_sealed"]), encoding_aad(subject_id, row["id"], row["model"]))
+        encodings.append({"id": str(row["id"]), "model": row["model"], "template_version": row["template_version"],
+                          "created_at": ts_text(row["created_at"]),
+                          "vector": np.frombuffer(raw, "<f4").astype(float).tolist()})
+    media = cur.execute("SELECT * FROM media WHERE subject_id = %s ORDER BY created_at, id",
+                        (subject_id,)).fetchall()
+    audit_log(state).record(conn, AuditEvent(
+        "subject.export", actor, subject_id=subject_id, request_id=request_id,
+        details={"encodings": len(encodings), "media": len(media)}))
     meta = {
         "id": str(subject_id), "external_ref": external_ref, "label": label, "state": subject["state"],
         "created_at": ts_text(subject["created_at"]), "updated_at": ts_text(subject["updated_at"]),
         "erased_at": ts_text(subject["erased_at"]) if subject["erased_at"] else None,
     }
-    return _stream(state, subject_id, meta, encodings, media, dek)
+    return subject, meta, encodings, media, dek
 
 
 def _stream(state: Any, subject_id: uuid.UUID, meta: dict[str, Any], encodings: list[dict[str, Any]],

@@ -60,3 +60,26 @@ def test_access_export_needs_the_admin_scope_and_a_known_subject(gdpr_client, st
     unknown = "00000000-0000-4000-8000-000000000001"
     assert gdpr_client.get(f"/v1/subjects/{unknown}/export", headers=staff_headers).status_code == 403
     assert gdpr_client.get(f"/v1/subjects/{unknown}/export", headers=admin_headers).status_code == 404
+
+
+def test_erasure_waits_for_a_streaming_export_instead_of_cutting_its_zip(gdpr_client, admin_headers,
+                                                                           make_subject) -> None:
+    """An export holds the subject's export lock until its last byte: an erasure meanwhile answers 409 (the job
+    resumes on retry), the zip arrives whole, and the retried erasure then completes."""
+    subject = make_subject(person=7, n=2)
+    with gdpr_client.stream("GET", f"/v1/subjects/{subject['id']}/export", headers=admin_headers) as export:
+        assert export.status_code == 200
+        chunks = export.iter_bytes()
+        first = next(chunks)  # the stream has started: its objects are being read
+        r = gdpr_client.delete(f"/v1/subjects/{subject['id']}", headers=admin_headers)
+        assert r.status_code == 409, r.text
+        assert "export" in r.json()["detail"]
+        body = first + b"".join(chunks)
+    zf = zipfile.ZipFile(io.BytesIO(body))
+    assert zf.testzip() is None and "signature.json" in zf.namelist()
+    media = json.loads(zf.read("media.json"))
+    assert any(m["id"] == subject["media"]["id"] for m in media)
+    r = gdpr_client.delete(f"/v1/subjects/{subject['id']}", headers=admin_headers)
+    assert r.status_code == 200 and r.json()["state"] == "done", r.text
+    r = gdpr_client.get(f"/v1/subjects/{subject['id']}/export", headers=admin_headers)
+    assert r.status_code == 200  # an erased subject's export holds its metadata and history, no data
