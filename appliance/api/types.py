@@ -4,7 +4,7 @@ Why they exist: a NUL byte in ``external_ref`` or ``camera_id`` reached PostgreS
 500 and a dropped keep-alive connection), and other control characters end up in logs, CSV exports
 and audit JSON. Pydantic's lax ``datetime`` reads a bare number as seconds since 1970, so
 ``to=6.1e-05`` meant a 1970 date. With these types both are a 422 problem before any work is done.
-The JSON Schema (and so ``openapi.json``) stays that of ``str`` and ``datetime``.
+The JSON Schema says so too: text fields carry a ``pattern`` that excludes control characters.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator
+from pydantic import AfterValidator, BeforeValidator, Field
 
 __all__ = ["FORBIDDEN_TEXT", "IsoDatetime", "SafeText", "check_text"]
 
@@ -38,5 +38,7 @@ def _iso_only(value: Any) -> Any:
     return value
 
 
-SafeText = Annotated[str, AfterValidator(check_text)]
+# The same rule for readers of openapi.json (ECMA-262 regex; surrogates cannot appear in JSON text).
+TEXT_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+SafeText = Annotated[str, AfterValidator(check_text), Field(json_schema_extra={"pattern": TEXT_PATTERN})]
 IsoDatetime = Annotated[datetime, BeforeValidator(_iso_only)]

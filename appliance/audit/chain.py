@@ -1,4 +1,4 @@
-"""The record format and hash chain, shared by the writer, the exporter and the offline verifier.
+"""The record format and hash chain, shared by the writers, the exporter and the offline verifier.
 
 A record's hash covers a small *header* that embeds a digest of its *body*:
 
@@ -10,9 +10,10 @@ so a filtered export can replace a record it leaves out by its header alone (a *
 still verifies, the stub proves the omitted record did not match the filter, and it reveals no
 actor, object or details of anyone else. Canonical JSON: keys sorted, no spaces, UTF-8.
 
-Invariants (kept by ``appliance.audit.log``): within one chain ``seq`` runs 1, 2, 3, … without gaps,
-``prev`` is the previous record's hash (32 zero bytes before seq 1), and ``ts`` never decreases
-with ``seq`` — so a time window or a dropped monthly partition cuts each chain into whole segments.
+Invariants (kept by ``append``, the only function that extends a chain): within one chain ``seq``
+runs 1, 2, 3, … without gaps, ``prev`` is the previous record's hash (32 zero bytes before seq 1),
+and ``ts`` never decreases with ``seq`` — so a time window or a dropped monthly partition cuts each
+chain into whole segments.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import math
 import re
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
@@ -35,7 +37,7 @@ from appliance.audit import AuditEvent
 FORMAT_VERSION = 1
 ZERO_HASH = bytes(32)
 MATCH_CLASS, AUDIT_CLASS = "match", "audit"
-DEFAULT_MATCH_ACTIONS = frozenset({"match", "match.batch"})
+MATCH_ACTIONS = frozenset({"match", "match.batch"})  # kept under the shorter match retention
 MAX_DETAILS_BYTES = 4096
 MAX_STRING = 1024
 VECTOR_LIKE_LEN = 16  # a list of this many numbers or more is treated as a vector and stripped
@@ -48,9 +50,9 @@ _SENSITIVE_KEY = re.compile(
 )
 _SAFE_KEYS = frozenset({"key_id", "key_ids", "object_key", "object_keys", "kek_version", "key_version", "api_key_id"})
 _TOKEN_VALUE = re.compile(r"(apl_[0-9a-f]{6,}_\S+|hvs\.\S+|s\.[A-Za-z0-9]{20,}|Bearer\s+\S+)")
-
-
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# The same output for flat, finite details, made once: ``JSONEncoder.encode`` builds a C encoder per call.
+_ENCODE_FLAT = c_make_encoder(None, None, encode_basestring, None, ":", ",", True, False, False)
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -64,8 +66,6 @@ def sha256_hex(data: bytes) -> str:
 
 def ts_text(ts: datetime) -> str:
     """UTC, microsecond precision: exactly what PostgreSQL timestamptz stores and returns."""
-    if ts.tzinfo is UTC:
-        return ts.isoformat(timespec="microseconds")
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
     return ts.astimezone(UTC).isoformat(timespec="microseconds")
@@ -87,9 +87,9 @@ def subject_digest(subject_id: uuid.UUID | str | None) -> str | None:
 _SUBJECT_DIGESTS: dict[str, str] = {}
 
 
-def action_class(action: str, match_actions: frozenset[str] = DEFAULT_MATCH_ACTIONS) -> str:
+def action_class(action: str) -> str:
     """Match events live in their own chains and partitions: they are kept for a shorter time."""
-    return MATCH_CLASS if action in match_actions else AUDIT_CLASS
+    return MATCH_CLASS if action in MATCH_ACTIONS else AUDIT_CLASS
 
 
 # --- details: small, JSON-round-trip safe, never sensitive ---------------------------------------------
@@ -100,7 +100,7 @@ def sanitize_details(details: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     if not details:
         return {}, []
     if _is_plain(details):
-        return details, []
+        return details, []  # the common case (a match's flat details): no copy
     removed: list[str] = []
     clean = _clean(details, "", removed, 0)
     if not isinstance(clean, dict):
@@ -128,8 +128,38 @@ def _key_ok(key: Any) -> bool:
 
 
 def _is_plain(details: dict[str, Any]) -> bool:
-    """The common case: flat, short, harmless values under harmless keys, which need no copy."""
-    return len(details) <= 16 and all(_key_ok(k) for k in details) and _plain_values(details)
+    """Flat, short, harmless values under harmless keys: what ``_clean`` would keep as it is. The match
+    path's key sets and short texts (models, cameras) recur, so both are remembered (bounded)."""
+    keys = tuple(details)
+    plain = _PLAIN_KEYS.get(keys)
+    if plain is None:
+        plain = len(keys) <= 16 and all(_key_ok(k) for k in keys)
+        if len(_PLAIN_KEYS) < 1_000:
+            _PLAIN_KEYS[keys] = plain
+    if not plain:
+        return False
+    for v in details.values():
+        t = type(v)
+        if t is str:
+            ok = _SAFE_TEXT.get(v)
+            if ok is None:
+                ok = len(v) <= 200 and "\x00" not in v and not _TOKEN_VALUE.search(v)
+                if len(v) <= 64:
+                    if len(_SAFE_TEXT) >= 50_000:
+                        _SAFE_TEXT.clear()
+                    _SAFE_TEXT[v] = ok
+            if not ok:
+                return False
+        elif t is float:
+            if not (-1e15 < v < 1e15) or v == 0:  # also true for NaN
+                return False
+        elif t is not int and t is not bool and v is not None:
+            return False
+    return True
+
+
+_PLAIN_KEYS: dict[tuple[str, ...], bool] = {}
+_SAFE_TEXT: dict[str, bool] = {}
 
 
 def _clean(value: Any, path: str, removed: list[str], depth: int) -> Any:
@@ -211,154 +241,154 @@ def header_hash(header: dict[str, Any]) -> bytes:
     return hashlib.sha256(canonical_json(header)).digest()
 
 
-def record_dict(
-    event: AuditEvent, chain: str, seq: int, ts: datetime, cls: str, details: dict[str, Any], prev: bytes
-) -> dict[str, Any]:
-    """The exported (and hashed) form of a new record; ``hash`` is filled in here."""
-    return build_record(event, chain, seq, ts, cls, details, prev)[0]
+class ChainHead:
+    """The head of one chain as its single appender sees it; ``append`` moves it."""
+
+    __slots__ = ("cls", "hash", "name", "seq", "ts")
+
+    def __init__(self, name: str, cls: str, seq: int = 0, digest: bytes = ZERO_HASH,
+                 ts: datetime = datetime.min.replace(tzinfo=UTC)) -> None:
+        self.name, self.cls, self.seq, self.hash, self.ts = name, cls, seq, digest, ts
 
 
-def build_record(
-    event: AuditEvent, chain: str, seq: int, ts: datetime, cls: str, details: dict[str, Any], prev: bytes
-) -> tuple[dict[str, Any], str]:
-    """A new record and its details' canonical JSON, hashed with one general JSON encode.
+@dataclass(slots=True)
+class Record:
+    """One new record: its fields, and the exact canonical texts its hash was computed over."""
 
-    The body and header are formatted by hand in canonical key order; tests prove the bytes equal
-    ``canonical_json(header_of(rec))``, which is what the verifier computes.
-    """
-    f = _fields(event)
-    ts_s = ts_text(ts)
-    details_json = _ENCODER.encode(details)
-    digest = _hash(f, chain, seq, ts_s, cls, details_json, prev.hex())
-    rec: dict[str, Any] = {
-        "chain": chain, "seq": seq, "ts": ts_s, "class": cls, "actor": f[0], "action": f[1], "subject_id": f[2],
-        "object_id": f[3], "outcome": f[4], "request_id": f[5], "details": details, "prev_hash": prev.hex(),
-        "hash": digest.hex(),
-    }
-    return rec, details_json
+    chain: str
+    seq: int
+    ts: datetime
+    ts_s: str
+    cls: str
+    actor: str
+    action: str
+    subject_id: str | None
+    object_id: str | None
+    outcome: str
+    request_id: str | None
+    details_json: str
+    body_json: str
+    prev: bytes
+    hash: bytes
+
+    def exported(self) -> dict[str, Any]:
+        """The form an export carries (and the verifier recomputes ``hash`` from)."""
+        return {"chain": self.chain, "seq": self.seq, "ts": self.ts_s, "class": self.cls, "actor": self.actor,
+                "action": self.action, "subject_id": self.subject_id, "object_id": self.object_id,
+                "outcome": self.outcome, "request_id": self.request_id, "details": json.loads(self.details_json),
+                "prev_hash": self.prev.hex(), "hash": self.hash.hex()}
+
+    def row(self) -> tuple[Any, ...]:
+        """The values of a plain ``audit_log`` row, in ``COPY_COLUMNS`` order."""
+        return (self.ts, self.chain, self.seq, self.cls, self.actor, self.action,
+                None if self.subject_id is None else uuid.UUID(self.subject_id), self.object_id, self.outcome,
+                self.request_id, self.details_json, self.prev, self.hash)
 
 
 COPY_COLUMNS = ("ts, chain, seq, class, actor, action, subject_id, object_id, outcome, request_id, details, "
                 "prev_hash, hash")
-_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+# ``details`` goes as "text": a json value's binary form is its text, so the column keeps the exact bytes
+# that were hashed (psycopg's json dumper would encode the str again, as a JSON string).
+COPY_TYPES = ["timestamptz", "text", "int8", "text", "text", "text", "uuid", "text", "text", "text", "text",
+              "bytea", "bytea"]
 
 
-class ChainHead:
-    """The in-memory head of one writer chain; advanced only by ``format_copy_batch`` on one thread."""
+def append(head: ChainHead, event: AuditEvent, on_redacted: Callable[[str, list[str]], None] | None = None) -> Record:
+    """Hash ``event`` onto ``head``'s chain as its next record and move the head.
 
-    def __init__(self, name: str, cls: str) -> None:
-        self.name, self.cls = name, cls
-        self.seq, self.hash, self.ts = 0, ZERO_HASH, datetime.min.replace(tzinfo=UTC)
-        self.announced = False
-        # as the record header and a COPY line need them, formatted once
-        self.name_json, self.cls_json = encode_basestring(name), encode_basestring(cls)
-        self.name_needs_escape = bool(_COPY_SPECIAL.search(name))
+    The body and header are formatted by hand in canonical key order (one JSON encode, of the
+    details); tests prove the hash equals ``header_hash(header_of(record))``, what the verifier computes.
+    """
+    details, removed = sanitize_details(event.details or {})
+    if removed and on_redacted is not None:
+        on_redacted(event.action, removed)
+    ts = event.ts if event.ts.tzinfo is not None else event.ts.replace(tzinfo=UTC)
+    ts = max(ts, head.ts)  # ts never decreases along a chain
+    ts_s = ts_text(ts)
+    actor, action, outcome = _bounded(event.actor, 200), _bounded(event.action, 100), _bounded(event.outcome, 40)
+    subject = None if event.subject_id is None else str(event.subject_id)
+    object_id = None if event.object_id is None else _bounded(event.object_id, MAX_STRING)
+    request_id = None if event.request_id is None else _bounded(event.request_id, 100)
+    details_json = "".join(_ENCODE_FLAT(details, 0)) if details is event.details else _ENCODER.encode(details)
+    body = (f'{{"actor":{_js(actor)},"details":{details_json},"object_id":{_js(object_id)},'
+            f'"request_id":{_js(request_id)},"subject_id":{_js(subject)}}}')
+    seq, prev = head.seq + 1, head.hash
+    header = (f'{{"action":{_js(action)},"body":"{sha256_hex(body.encode())}","chain":{_js(head.name)},'
+              f'"class":{_js(head.cls)},"outcome":{_js(outcome)},"prev":"{prev.hex()}","seq":{seq},'
+              f'"subj":{_js(subject_digest(subject))},"ts":"{ts_s}","v":{FORMAT_VERSION}}}')
+    digest = hashlib.sha256(header.encode()).digest()
+    head.seq, head.hash, head.ts = seq, digest, ts
+    return Record(head.name, seq, ts, ts_s, head.cls, actor, action, subject, object_id, outcome, request_id,
+                  details_json, body, prev, digest)
 
 
-Head = tuple[ChainHead, int, bytes, datetime]  # a chain's head after a batch: (chain, seq, hash, ts)
+def _bounded(value: object, limit: int) -> str:
+    text = value if type(value) is str else str(value)
+    if len(text) > limit:
+        text = text[:limit]
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
+def _js(value: str | None) -> str:
+    return "null" if value is None else encode_basestring(value)
+
 
 # --- match blocks: many match records in one row ------------------------------------------------------
 #
-# Why: a camera appliance writes tens of thousands of match events per second; one PostgreSQL row per
-# event (heap tuple, primary-key and subject-index entries, per-row COPY parsing) cost ~20 us of CPU
-# each, more than the match that caused it. The records and their hashes are exactly those of single
-# rows; only storage differs: a *block* row holds up to BLOCK_MAX consecutive records of one match chain
-# as a zstd-compressed JSON array of ``[ts, action, outcome, body]`` (``body`` the record's canonical
-# body text, see the module docstring), their 32-byte hashes concatenated, and the distinct subject ids
-# (GIN-indexed for access requests). The row's ``seq``/``ts``/``hash`` are its last record's,
-# ``prev_hash`` its first record's ``prev``, ``first_ts`` its first record's time. A block never spans
-# two calendar months, so dropping a monthly partition still cuts each chain between records.
+# Why: one PostgreSQL row per match event (heap tuple, primary-key and subject-index entries, per-row
+# COPY parsing) cost ~20 us of CPU each, more than the match that caused it. The records and their
+# hashes are exactly those of single rows; only storage differs: a *block* row holds up to BLOCK_MAX
+# consecutive records of one match chain as a zstd-compressed JSON array of ``[ts, action, outcome,
+# body]`` (``body`` the record's canonical body text), their 32-byte hashes concatenated, and the
+# distinct subject ids (GIN-indexed for access requests). The row's ``seq``/``ts``/``hash`` are its last
+# record's, ``prev_hash`` its first record's ``prev``, ``first_ts`` its first record's time. A block
+# never spans two calendar months, so dropping a monthly partition still cuts each chain between records.
 
 BLOCK_MAX = 1000
 BLOCK_COLUMNS = "ts, first_ts, chain, seq, events, class, actor, action, outcome, details, prev_hash, hash, packed, " \
                 "hashes, subjects"
-BLOCK_TYPES = ["timestamptz", "timestamptz", "text", "int8", "int4", "text", "text", "text", "text", "json",
+BLOCK_TYPES = ["timestamptz", "timestamptz", "text", "int8", "int4", "text", "text", "text", "text", "text",
                "bytea", "bytea", "bytea", "bytea", "uuid[]"]
 BLOCK_ACTOR, BLOCK_ACTION, BLOCK_OUTCOME = "system:audit", "audit.block", "ok"
-# zstd level 1: ~14x smaller on match events for ~0.7 us each (zlib level 1: 9x for ~2.1 us; lz4: 6x, 0.35 us)
-_ZSTD_LEVEL = 1
+_ZSTD_LEVEL = 1  # ~14x smaller on match events for ~0.7 us each
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-class Formatted:
-    """One batch as the copier writes it: per-record COPY lines (non-match classes), the match chain's
-    new records as block material, and every touched chain's new head."""
-
-    __slots__ = ("digests", "elements", "first_prev", "heads", "lines", "match_chain", "match_seq", "subjects", "times")
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.elements: list[bytes] = []  # one ``[ts, action, outcome, body]`` JSON array per match record
-        self.digests = bytearray()  # their hashes, 32 bytes each, in seq order
-        self.times: list[int] = []  # their times, us since the epoch
-        self.subjects: list[str | None] = []
-        self.match_chain: ChainHead | None = None
-        self.match_seq = 0  # seq of the first match record here
-        self.first_prev = ZERO_HASH  # and its prev
-        self.heads: dict[str, Head] = {}
-
-    def __len__(self) -> int:
-        return len(self.lines) + len(self.elements)
-
-    def blocks(self) -> list[tuple[Any, ...]]:
-        """The match records as block rows (BLOCK_COLUMNS order), split at BLOCK_MAX and at month ends."""
-        out: list[tuple[Any, ...]] = []
-        chain, times, n = self.match_chain, self.times, len(self.elements)
-        if chain is None or not n:
-            return out
-        compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)  # one per call: copier threads run in parallel
-        start = 0
-        while start < n:
-            stop = min(n, start + BLOCK_MAX)
-            month_end = _month_end_micros(times[start])
-            if times[stop - 1] >= month_end:  # rare: the block would cross a month; cut it there
-                stop = next(i for i in range(start, stop) if times[i] >= month_end)
-            first_seq = self.match_seq + start
-            prev = self.first_prev if start == 0 else bytes(self.digests[32 * (start - 1):32 * start])
-            subjects = _uuids({s for s in self.subjects[start:stop] if s is not None})
-            packed = compressor.compress(b"[" + b",".join(self.elements[start:stop]) + b"]")
-            out.append((
-                _EPOCH + timedelta(microseconds=times[stop - 1]), _EPOCH + timedelta(microseconds=times[start]),
-                chain.name, first_seq + (stop - start) - 1, stop - start, chain.cls, BLOCK_ACTOR, BLOCK_ACTION,
-                BLOCK_OUTCOME, "{}", prev, bytes(self.digests[32 * (stop - 1):32 * stop]), packed,
-                bytes(self.digests[32 * start:32 * stop]), subjects or None,
-            ))
-            start = stop
-        return out
-
-
-try:  # the compiled match loop (setup.py builds it when a C compiler and OpenSSL's headers are there)
-    from appliance.audit import _fastchain as _FAST_MODULE
-except ImportError:  # pragma: no cover - depends on the build
-    _FAST_MODULE = None
-_FAST: Any = _FAST_MODULE
-
-
-def _uuids(texts: set[str]) -> list[uuid.UUID]:
-    """The block's subject index: UUIDs only (a text subject id stays in its record, not in the index)."""
-    out = []
-    for text in sorted(texts):
-        found = _UUID_OF.get(text)
-        if found is None:
-            try:
-                found = uuid.UUID(text)
-            except ValueError:
-                continue
-            if len(_UUID_OF) >= 50_000:  # the enrolled people a camera sees recur; bounded all the same
-                _UUID_OF.clear()
-            _UUID_OF[text] = found
-        out.append(found)
+def block_rows(records: list[Record]) -> list[tuple[Any, ...]]:
+    """Consecutive records of one match chain as block rows (BLOCK_COLUMNS order), split at BLOCK_MAX
+    and at month ends."""
+    out: list[tuple[Any, ...]] = []
+    compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    start, n = 0, len(records)
+    while start < n:
+        stop = min(n, start + BLOCK_MAX)
+        month_end = _month_end(records[start].ts)
+        if records[stop - 1].ts >= month_end:  # rare: the block would cross a month; cut it there
+            stop = next(i for i in range(start, stop) if records[i].ts >= month_end)
+        group = records[start:stop]
+        elements = ",".join(f'["{r.ts_s}",{_js(r.action)},{_js(r.outcome)},{r.body_json}]' for r in group)
+        first, last = group[0], group[-1]
+        out.append((last.ts, first.ts, last.chain, last.seq, len(group), last.cls, BLOCK_ACTOR, BLOCK_ACTION,
+                    BLOCK_OUTCOME, "{}", first.prev, last.hash, compressor.compress(f"[{elements}]".encode()),
+                    b"".join(r.hash for r in group), _uuids({r.subject_id for r in group}) or None))
+        start = stop
     return out
 
 
-_UUID_OF: dict[str, uuid.UUID] = {}  # parsing costs ~1 us, and a block names hundreds of subjects
+def _uuids(texts: set[str | None]) -> list[uuid.UUID]:
+    """The block's subject index: UUIDs only (a text subject id stays in its record, not in the index)."""
+    out = []
+    for text in sorted(t for t in texts if t is not None):
+        try:
+            out.append(uuid.UUID(text))
+        except ValueError:
+            continue
+    return out
 
 
-def _month_end_micros(ts: int) -> int:
-    t = _EPOCH + timedelta(microseconds=ts)
-    nxt = datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=UTC)
-    return (nxt - _EPOCH) // _MICROSECOND
+def _month_end(ts: datetime) -> datetime:
+    t = ts.astimezone(UTC)
+    return datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=UTC)
 
 
 def unpack_bytes(packed: bytes) -> bytes:
@@ -390,260 +420,8 @@ def unpack_block(row: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def format_copy_batch(
-    events: Iterable[EventTuple], chains: Mapping[str, ChainHead], match_actions: frozenset[str],
-    on_redacted: Callable[[str, list[str]], None] | None = None, into: Formatted | None = None,
-) -> Formatted:
-    """Hash ``events`` (``event_tuple``s) onto their class's chain, advancing the heads: a COPY text
-    line per non-match record, block material per match record (see ``Formatted``), into ``into``.
-
-    The batch writer's hot loop. Match records go through the compiled ``_fastchain`` when it is
-    built (the same bytes: tests compare both), else through ``_format_one``; repeated strings
-    (actor, action, outcome, chain), detail key sets and timestamps' whole seconds are checked or
-    formatted once and cached. Tests prove the hashes equal ``header_hash(header_of(rec))`` of
-    ``build_record`` (what the verifier computes).
-    """
-    out = Formatted() if into is None else into
-    events = events if isinstance(events, list) else list(events)
-    state: dict[str, list[Any]] = {}
-    fast = _FAST if MATCH_CLASS in chains else None
-    i, n = 0, len(events)
-    while i < n:
-        if fast is not None:
-            st = state.get(MATCH_CLASS)
-            if st is None:
-                st = _state(state, chains, MATCH_CLASS, out)
-            i = fast.match_run(events, i, match_actions, st, out.elements, out.digests, out.times, out.subjects)
-            if i >= n:
-                break
-        _format_one(events[i], state, chains, match_actions, on_redacted, out)
-        i += 1
-    for chain, seq, _hex, ts, digest in state.values():
-        if seq == chain.seq:
-            continue  # set up for the compiled loop, never used
-        chain.seq, chain.hash, chain.ts = seq, digest, _EPOCH + timedelta(microseconds=ts)
-        out.heads[chain.name] = (chain, seq, digest, chain.ts)
-    return out
-
-
-def _state(state: dict[str, list[Any]], chains: Mapping[str, ChainHead], cls: str, out: Formatted) -> list[Any]:
-    """A chain's running head for one batch: [chain, seq, prev hash hex, last time (us), prev hash]."""
-    chain = chains[cls]
-    st = state[cls] = [chain, chain.seq, chain.hash.hex(), micros(chain.ts), chain.hash]
-    if cls == MATCH_CLASS and out.match_chain is None:
-        out.match_chain, out.match_seq, out.first_prev = chain, chain.seq + 1, chain.hash
-    elif cls == MATCH_CLASS and out.match_chain is not chain:
-        raise ValueError("one Formatted holds the match records of one chain")
-    return st
-
-
-def _format_one(event: EventTuple, state: dict[str, list[Any]], chains: Mapping[str, ChainHead],
-                match_actions: frozenset[str], on_redacted: Callable[[str, list[str]], None] | None,
-                out: Formatted) -> None:
-    """One record, in full generality: the reference the compiled loop is tested against."""
-    ts, action, actor_value, outcome_value, subject, object_id, request_id, details = event
-    cls = MATCH_CLASS if action in match_actions else AUDIT_CLASS
-    st = state.get(cls)
-    if st is None:
-        st = _state(state, chains, cls, out)
-    # fields: (bounded text, its JSON, needs COPY escaping) for the repeating ones
-    act = _ACTIONS.get(action) or _text(action, 100, _ACTIONS)
-    actor = _ACTORS.get(actor_value) or _text(actor_value, 200, _ACTORS)
-    outcome = _OUTCOMES.get(outcome_value) or _text(outcome_value, 40, _OUTCOMES)
-    if subject is None:
-        subj_copy, subj_json, subj_digest = _NULL, "null", "null"
-    else:
-        subj_copy, subj_json, subj_digest = _SUBJECTS.get(subject) or _subject(subject)
-    if request_id is not None and (type(request_id) is not str or len(request_id) > 100 or "\x00" in request_id):
-        request_id = _bounded(request_id, 100)
-    if object_id is not None and (type(object_id) is not str or len(object_id) > MAX_STRING or "\x00" in object_id):
-        object_id = _bounded(object_id, MAX_STRING)
-    details_json = _details_json(details, action, on_redacted)
-    # ts in us since the epoch, never before the chain's last; "YYYY-MM-DDTHH:MM:SS" cached per second
-    if type(ts) is not int:
-        ts = micros(ts)
-    if ts < st[3]:
-        ts = st[3]
-    second, micro = divmod(ts, 1_000_000)
-    prefix = _SECONDS.get(second)
-    if prefix is None:
-        prefix = _second_prefix(second)
-    ts_s = f"{prefix}.{micro:06d}+00:00"
-    seq = st[1] + 1
-    prev_hex = st[2]
-    request_json = "null" if request_id is None else encode_basestring(request_id)
-    object_json = "null" if object_id is None else encode_basestring(object_id)
-    body = (f'{{"actor":{actor[1]},"details":{details_json},"object_id":{object_json},'
-            f'"request_id":{request_json},"subject_id":{subj_json}}}').encode()
-    header = (f'{{"action":{act[1]},"body":"{hashlib.sha256(body).hexdigest()}","chain":{st[0].name_json},'
-              f'"class":{st[0].cls_json},"outcome":{outcome[1]},"prev":"{prev_hex}","seq":{seq},"subj":{subj_digest},'
-              f'"ts":"{ts_s}","v":{FORMAT_VERSION}}}')
-    digest = hashlib.sha256(header.encode()).digest()
-    digest_hex = digest.hex()
-    if cls == MATCH_CLASS:
-        out.elements.append(f'["{ts_s}",{act[1]},{outcome[1]},'.encode() + body + b"]")
-        out.digests += digest
-        out.times.append(ts)
-        out.subjects.append(None if subject is None else subj_copy)
-    elif (st[0].name_needs_escape or act[2] or actor[2] or outcome[2] or "\\" in details_json  # JSON escapes the rest
-            or (request_id is not None and _COPY_SPECIAL.search(request_id))
-            or (object_id is not None and _COPY_SPECIAL.search(object_id))):
-        out.lines.append("\t".join((ts_s, _copy_text(st[0].name), str(seq), cls, _copy_text(actor[0]),
-                                    _copy_text(act[0]), subj_copy, _copy_text(object_id), _copy_text(outcome[0]),
-                                    _copy_text(request_id), _copy_text(details_json), "\\\\x" + prev_hex,
-                                    "\\\\x" + digest_hex)) + "\n")
-    else:
-        out.lines.append(f"{ts_s}\t{st[0].name}\t{seq}\t{cls}\t{actor[0]}\t{act[0]}\t{subj_copy}\t"
-                         f"{_NULL if object_id is None else object_id}\t{outcome[0]}\t"
-                         f"{_NULL if request_id is None else request_id}\t{details_json}\t"
-                         f"\\\\x{prev_hex}\t\\\\x{digest_hex}\n")
-    st[1], st[2], st[3], st[4] = seq, digest_hex, ts, digest
-
-
-# value -> (bounded text, its JSON string, needs COPY escaping), per field (each has its own bound)
-_ACTIONS: dict[str, tuple[str, str, bool]] = {}
-_ACTORS: dict[str, tuple[str, str, bool]] = {}
-_OUTCOMES: dict[str, tuple[str, str, bool]] = {}
-_SECONDS: dict[int, str] = {}  # POSIX second -> "YYYY-MM-DDTHH:MM:SS" (UTC)
-_SAFE_TEXT: dict[str, bool] = {}  # short detail string -> may be stored as it is
-_PLAIN_KEYS: dict[tuple[str, ...], bool] = {}  # detail key tuple -> every key plain and harmless
-# canonical_json's encoder, made once: JSONEncoder.encode builds a new C encoder on every call
-_ENCODE_FLAT = c_make_encoder(None, None, encode_basestring, None, ":", ",", True, False, False)
-
-
-def _text(value: object, limit: int, cache: dict[str, tuple[str, str, bool]]) -> tuple[str, str, bool]:
-    bounded = _bounded(value, limit)
-    found = (bounded, encode_basestring(bounded), bool(_COPY_SPECIAL.search(bounded)))
-    if type(value) is str and len(cache) < 10_000:
-        cache[value] = found
-    return found
-
-
-# (time as µs since the epoch, action, actor, outcome, subject id (UUID, its int, or text), object id,
-# request id, details): plain values, so the API process pickles them to the writer process 2-3x faster
-# than datetimes and UUIDs, under its GIL
-EventTuple = tuple[int, str, str, str, "uuid.UUID | int | str | None", str | None, str | None, dict[str, Any]]
-
-
-def event_tuple(e: AuditEvent) -> EventTuple:
-    subject = e.subject_id
-    return (micros(e.ts), e.action, e.actor, e.outcome, subject.int if type(subject) is uuid.UUID else subject,
-            e.object_id, e.request_id, e.details)
-
-
-def micros(ts: datetime) -> int:
-    """Microseconds since the epoch, exactly (a naive time is taken as UTC): how events cross to the writer."""
-    return ((ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)) - _EPOCH) // _MICROSECOND
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-_SUBJECTS: dict[Any, tuple[str, str, str]] = {}  # subject id (UUID, its int or text) -> text, JSON, digest JSON
-
-
-def _subject(subject: object) -> tuple[str, str, str]:
-    text = str(uuid.UUID(int=subject)) if type(subject) is int else str(subject)
-    found = (text, encode_basestring(text), encode_basestring(subject_digest(text) or ""))
-    if len(_SUBJECTS) >= 50_000:  # the enrolled people a camera sees recur; bounded all the same
-        _SUBJECTS.clear()
-    _SUBJECTS[subject] = found
-    return found
-
-
-def _second_prefix(second: int) -> str:
-    prefix = (_EPOCH + timedelta(seconds=second)).isoformat()[:19]
-    if len(_SECONDS) >= 100_000:
-        _SECONDS.clear()
-    _SECONDS[second] = prefix
-    return prefix
-
-
-def _details_json(details: dict[str, Any], action: str, on_redacted: Callable[[str, list[str]], None] | None) -> str:
-    """Canonical JSON of the event's sanitised details; plain flat details skip the sanitiser's copy."""
-    if not details:
-        return "{}"
-    keys = tuple(details)
-    plain = _PLAIN_KEYS.get(keys)
-    if plain is None:
-        plain = len(keys) <= 16 and all(_key_ok(k) for k in keys)
-        if len(_PLAIN_KEYS) < 1_000:
-            _PLAIN_KEYS[keys] = plain
-    if plain and _plain_values(details):
-        return "".join(_ENCODE_FLAT(details, 0))  # flat, finite: no cycle check or NaN handling needed
-    clean, removed = sanitize_details(details)
-    if removed and on_redacted is not None:
-        on_redacted(action, removed)
-    return _ENCODER.encode(clean)
-
-
-def _plain_values(details: dict[str, Any]) -> bool:
-    for v in details.values():
-        t = type(v)
-        if t is str:
-            ok = _SAFE_TEXT.get(v)
-            if ok is None:
-                ok = len(v) <= 200 and "\x00" not in v and not _TOKEN_VALUE.search(v)
-                if len(v) <= 64:  # model names and camera ids recur; track ids come and go
-                    if len(_SAFE_TEXT) >= 50_000:
-                        _SAFE_TEXT.clear()
-                    _SAFE_TEXT[v] = ok
-            if not ok:
-                return False
-        elif t is float:
-            if not (-1e15 < v < 1e15) or v == 0:  # also false for NaN
-                return False
-        elif t is not int and t is not bool and v is not None:
-            return False
-    return True
-
-
-_NULL = "\\N"
-
-
-def _copy_text(value: str | None) -> str:
-    """A field in COPY text format: NULL as \\N; backslash, tab, newline and CR escaped."""
-    if value is None:
-        return "\\N"
-    return value.translate(_COPY_ESCAPES) if _COPY_SPECIAL.search(value) else value
-
-
-def _fields(event: AuditEvent) -> tuple[str, str, str | None, str | None, str, str | None]:
-    """actor, action, subject_id, object_id, outcome, request_id: bounded, NUL-free text."""
-    return (
-        _bounded(event.actor, 200),
-        _bounded(event.action, 100),
-        None if event.subject_id is None else str(event.subject_id),
-        None if event.object_id is None else _bounded(event.object_id, MAX_STRING),
-        _bounded(event.outcome, 40),
-        None if event.request_id is None else _bounded(event.request_id, 100),
-    )
-
-
-def _bounded(value: object, limit: int) -> str:
-    text = value if type(value) is str else str(value)
-    if len(text) > limit:
-        text = text[:limit]
-    return text.replace("\x00", "") if "\x00" in text else text
-
-
-def _hash(f: tuple[str, str, str | None, str | None, str, str | None], chain: str, seq: int, ts_s: str, cls: str,
-          details_json: str, prev_hex: str) -> bytes:
-    actor, action, subject, object_id, outcome, request_id = f
-    body = (f'{{"actor":{_js(actor)},"details":{details_json},"object_id":{_js(object_id)},'
-            f'"request_id":{_js(request_id)},"subject_id":{_js(subject)}}}')
-    subj = subject_digest(subject)
-    header = (f'{{"action":{_js(action)},"body":"{sha256_hex(body.encode())}","chain":{_js(chain)},'
-              f'"class":{_js(cls)},"outcome":{_js(outcome)},"prev":"{prev_hex}","seq":{int(seq)},'
-              f'"subj":{"null" if subj is None else _js(subj)},"ts":"{ts_s}","v":{FORMAT_VERSION}}}')
-    return hashlib.sha256(header.encode()).digest()
-
-
-def _js(value: str | None) -> str:
-    return "null" if value is None else encode_basestring(value)
-
-
 def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A database row of audit_log in the exported form (the verifier recomputes ``hash`` from it)."""
+    """A plain database row of audit_log in the exported form (the verifier recomputes ``hash`` from it)."""
     return {
         "chain": row["chain"],
         "seq": int(row["seq"]),
@@ -683,7 +461,3 @@ def checkpoint_message(cp: dict[str, Any]) -> bytes:
             "kind": cp["kind"],
         }
     )
-
-
-if _FAST is not None:  # the compiled loop reads (never writes) the same caches the Python path fills
-    _FAST.setup(_ACTIONS, _ACTORS, _OUTCOMES, _SUBJECTS, _SECONDS, _KEY_OK, _SAFE_TEXT, _ENCODE_FLAT, encode_basestring)

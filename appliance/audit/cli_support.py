@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from appliance.audit import AuditEvent
-from appliance.audit.log import record_event
+from appliance.audit.transaction import record_event
 from appliance.settings import Settings
 
 
@@ -32,5 +32,5 @@ def record_cli_event(
                        object_id=object_id, details=details or {})
     with psycopg.connect(settings.database_url.get_secret_value(),
                          connect_timeout=int(settings.db_connect_timeout) or 1) as conn:
-        record_event(conn, event, settings.audit_tx_chains)
+        record_event(conn, event)
         conn.commit()

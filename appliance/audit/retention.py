@@ -20,7 +20,7 @@ from psycopg import sql
 
 from appliance.audit import AuditEvent
 from appliance.audit.checkpoints import insert_checkpoint, sign_checkpoint
-from appliance.audit.log import record_event
+from appliance.audit.transaction import record_event
 from appliance.logs import get_logger
 from crypto.providers.base import KeyProvider
 

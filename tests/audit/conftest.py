@@ -25,12 +25,11 @@ def keys(settings):  # type: ignore[no-untyped-def]
     provider.close()
 
 
-@pytest.fixture(params=["thread", "process"])
-def audit(request, service_pool, keys) -> Iterator[object]:  # type: ignore[no-untyped-def]
-    """A fresh AuditLog (its own writer chains) stopped after the test; once per writer mode."""
+@pytest.fixture()
+def audit(service_pool, keys) -> Iterator[object]:  # type: ignore[no-untyped-def]
+    """A fresh AuditLog (its own writer chains) stopped after the test."""
     from appliance.audit.log import AuditLog
 
-    log = AuditLog(service_pool, keys=lambda: keys, flush_interval=0.05, checkpoint_interval=0,
-                   writer_process=request.param == "process")
+    log = AuditLog(service_pool, keys=lambda: keys, flush_interval=0.05, checkpoint_interval=0)
     yield log
     log.stop(checkpoint=False)

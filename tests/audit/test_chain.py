@@ -1,12 +1,9 @@
-"""The record format: the hand-built hot-path hash equals the verifier's generic one; details are sanitised."""
+"""The record format: the hand-formatted hash equals the verifier's generic one; details are sanitised."""
 
 from __future__ import annotations
 
 import itertools
-import json
-import re
 import uuid
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -15,11 +12,11 @@ from appliance.audit import AuditEvent
 from appliance.audit.chain import (
     BLOCK_COLUMNS,
     BLOCK_MAX,
+    COPY_COLUMNS,
     ChainHead,
-    build_record,
+    append,
+    block_rows,
     canonical_json,
-    event_tuple,
-    format_copy_batch,
     header_hash,
     header_of,
     sanitize_details,
@@ -27,22 +24,6 @@ from appliance.audit.chain import (
     unpack_block,
     unpack_bytes,
 )
-
-
-@pytest.mark.parametrize("event", [
-    AuditEvent("match", "apikey:x", outcome="match", subject_id=uuid.uuid4(), request_id="r1",
-               details={"model": "dlib-resnet-v1", "k": 5, "similarity": 0.9312}),
-    AuditEvent('a"ü\n\t\\', "x\\y\u2028", object_id="o\x00bj", details={"é": "\u00e9", "n": [1, 2.5, None, True],
-                                                                         "d": {"z": 1, "a": "b"}}),
-    AuditEvent("subject.read", "cli:root"),
-])
-def test_hot_path_hash_equals_the_verifiers_hash(event: AuditEvent) -> None:
-    details, _ = sanitize_details(event.details)
-    rec, details_json = build_record(event, 'w:h"ost:1:ab:audit', 42, datetime.now(UTC), "audit", details, b"\x07" * 32)
-    assert header_hash(header_of(rec)).hex() == rec["hash"]
-    assert details_json == canonical_json(details).decode()
-    assert "\x00" not in (rec["object_id"] or "")
-
 
 EVENTS = [
     AuditEvent("match", "apikey:x", outcome="match", subject_id=uuid.uuid4(), request_id="r1",
@@ -53,32 +34,34 @@ EVENTS = [
 ]
 
 
-def _decode_copy_line(line: str) -> list[str | None]:
-    assert line.endswith("\n") and line.count("\n") == 1
-    escapes = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}
-    fields = [None if f == "\\N" else f for f in line[:-1].split("\t")]
-    assert len(fields) == 13
-    texts = [None if f is None else re.sub(r"\\(.)", lambda m: escapes[m.group(1)], f) for f in fields[:11]]
-    return texts + fields[11:]
+@pytest.mark.parametrize("event", EVENTS)
+def test_the_hand_formatted_hash_equals_the_verifiers_hash(event: AuditEvent) -> None:
+    head = ChainHead('w:h"ost:1:ab:audit', "audit", 41, b"\x07" * 32)
+    rec = append(head, event)
+    exported = rec.exported()
+    details, _ = sanitize_details(event.details)
+    assert header_hash(header_of(exported)).hex() == exported["hash"]
+    assert rec.details_json == canonical_json(details).decode()
+    assert rec.body_json.encode() == canonical_json({k: exported[k] for k in ("actor", "details", "object_id",
+                                                                              "request_id", "subject_id")})
+    assert (exported["seq"], exported["prev_hash"]) == (42, "07" * 32)
+    assert (head.seq, head.hash) == (42, rec.hash)
+    assert "\x00" not in (exported["object_id"] or "")
 
 
 @pytest.mark.parametrize("event", EVENTS)
-def test_copy_batch_line_carries_the_same_record_and_hash(event: AuditEvent) -> None:
-    details, _ = sanitize_details(event.details)
-    ts = datetime.now(UTC)
-    head = ChainHead("w:h\tost:1:ab:audit", "audit")
-    head.seq, head.hash = 41, b"\x07" * 32
-    rec, details_json = build_record(event, head.name, 42, ts, "audit", details, b"\x07" * 32)
-    out = format_copy_batch([event_tuple(replace(event, ts=ts))], {"audit": head}, frozenset())
-    heads = list(out.heads.values())
-    assert heads == [(head, 42, bytes.fromhex(rec["hash"]), ts)] and (head.seq, head.hash.hex()) == (42, rec["hash"])
-    decoded = _decode_copy_line(out.lines[0])
-    assert decoded[:11] == [rec["ts"], rec["chain"], "42", "audit", rec["actor"], rec["action"], rec["subject_id"],
-                            rec["object_id"], rec["outcome"], rec["request_id"], details_json]
-    assert decoded[11:] == ["\\\\x" + "07" * 32, "\\\\x" + rec["hash"]]
+def test_a_plain_row_holds_exactly_what_was_hashed(event: AuditEvent) -> None:
+    rec = append(ChainHead("w:h\tost:1:ab:audit", "audit"), event)
+    row = dict(zip(COPY_COLUMNS.split(", "), rec.row(), strict=True))
+    exported = rec.exported()
+    assert ts_text(row["ts"]) == exported["ts"] and row["details"] == rec.details_json
+    assert (row["prev_hash"].hex(), row["hash"].hex()) == (exported["prev_hash"], exported["hash"])
+    for column in ("chain", "seq", "class", "actor", "action", "object_id", "outcome", "request_id"):
+        assert row[column] == exported[column]
+    assert (None if row["subject_id"] is None else str(row["subject_id"])) == exported["subject_id"]
 
 
-def test_copy_batch_chains_each_class_and_keeps_time_monotonic() -> None:
+def test_append_links_records_and_keeps_time_monotonic() -> None:
     """Consecutive records link by ``prev``; a late or non-UTC timestamp never moves a chain back in time;
     details in any key order, unsorted or with secrets, hash as the verifier expects."""
     heads = {c: ChainHead(f"w:h:1:ab:{c}", c) for c in ("audit", "match")}
@@ -93,17 +76,11 @@ def test_copy_batch_chains_each_class_and_keeps_time_monotonic() -> None:
         AuditEvent("match", "apikey:x", ts=(now + timedelta(seconds=1)).replace(tzinfo=None), details={"b": True}),
     ]
     redacted: list[list[str]] = []
-    out = format_copy_batch(map(event_tuple, events), heads, frozenset({"match"}),
-                            lambda action, keys: redacted.append(keys))
-    blocks = out.blocks()
-    assert redacted == [["token"]] and "apl_0123" not in "".join(out.lines)
-    assert len(out.lines) == 1 and len(blocks) == 1 and b"apl_0123" not in unpack_bytes(blocks[0][12])
-    records = []
-    for line in out.lines:
-        f = _decode_copy_line(line)
-        records.append({"ts": f[0], "chain": f[1], "seq": int(f[2]), "class": f[3], "actor": f[4], "action": f[5],
-                        "subject_id": f[6], "object_id": f[7], "outcome": f[8], "request_id": f[9],
-                        "details": json.loads(f[10]), "prev_hash": f[11][3:], "hash": f[12][3:]})
+    recs = [append(heads["match" if e.action == "match" else "audit"], e, lambda a, keys: redacted.append(keys))
+            for e in events]
+    blocks = block_rows([r for r in recs if r.cls == "match"])
+    assert redacted == [["token"]] and len(blocks) == 1 and b"apl_0123" not in unpack_bytes(blocks[0][12])
+    records = [r.exported() for r in recs if r.cls == "audit"]
     records += unpack_block(dict(zip(BLOCK_COLUMNS.split(", "), blocks[0], strict=True)))
     prev = {"audit": "00" * 32, "match": "00" * 32}
     last_ts = {"audit": "", "match": ""}
@@ -112,23 +89,20 @@ def test_copy_batch_chains_each_class_and_keeps_time_monotonic() -> None:
         assert header_hash(header_of(rec)).hex() == rec["hash"], n
         assert rec["ts"] >= last_ts[rec["class"]] and rec["ts"].endswith("+00:00"), n
         prev[rec["class"]], last_ts[rec["class"]] = rec["hash"], rec["ts"]
-    moved = list(out.heads.values())
-    assert sorted((h[0].cls, h[1], h[2].hex()) for h in moved) == [("audit", 1, prev["audit"]),
-                                                                    ("match", 3, prev["match"])]
+    assert sorted((h.cls, h.seq, h.hash.hex()) for h in heads.values()) == [("audit", 1, prev["audit"]),
+                                                                            ("match", 3, prev["match"])]
     assert last_ts["match"] == ts_text(events[3].ts.replace(tzinfo=UTC))
 
 
 def test_match_blocks_split_at_block_size_and_month_ends() -> None:
     """A block row never holds more than BLOCK_MAX records nor two calendar months (retention drops
     months); its columns describe its records (seq and hash of the last, prev of the first)."""
-    head = ChainHead("w:h:1:ab:match", "match")
-    head.seq, head.hash = 7, b"\x05" * 32
+    head = ChainHead("w:h:1:ab:match", "match", 7, b"\x05" * 32)
     month_end = datetime(2026, 12, 1, tzinfo=UTC)
     times = [month_end - timedelta(seconds=5)] * 3 + [month_end + timedelta(microseconds=i) for i in range(2500)]
-    events = [AuditEvent("match", "apikey:x", outcome="unknown", ts=t, details={"i": i}) for i, t in enumerate(times)]
-    out = format_copy_batch(map(event_tuple, events), {"match": head, "audit": ChainHead("a", "audit")},
-                            frozenset({"match"}))
-    rows = [dict(zip(BLOCK_COLUMNS.split(", "), b, strict=True)) for b in out.blocks()]
+    recs = [append(head, AuditEvent("match", "apikey:x", outcome="unknown", ts=t, details={"i": i}))
+            for i, t in enumerate(times)]
+    rows = [dict(zip(BLOCK_COLUMNS.split(", "), b, strict=True)) for b in block_rows(recs)]
     assert [r["events"] for r in rows] == [3, BLOCK_MAX, BLOCK_MAX, 500]
     assert rows[0]["ts"] < month_end <= rows[1]["first_ts"]
     records = [rec for r in rows for rec in unpack_block(r)]
@@ -138,17 +112,17 @@ def test_match_blocks_split_at_block_size_and_month_ends() -> None:
     for prev, rec in itertools.pairwise(records):
         assert rec["prev_hash"] == prev["hash"]
     for r in rows:
-        recs = unpack_block(r)
-        assert (r["seq"], r["hash"].hex(), r["prev_hash"].hex()) == (recs[-1]["seq"], recs[-1]["hash"],
-                                                                      recs[0]["prev_hash"])
-        assert all(header_hash(header_of(rec)).hex() == rec["hash"] for rec in recs)
+        recs_of_row = unpack_block(r)
+        assert (r["seq"], r["hash"].hex(), r["prev_hash"].hex()) == (recs_of_row[-1]["seq"], recs_of_row[-1]["hash"],
+                                                                      recs_of_row[0]["prev_hash"])
+        assert all(header_hash(header_of(rec)).hex() == rec["hash"] for rec in recs_of_row)
     assert (head.seq, head.hash.hex()) == (2510, records[-1]["hash"])
 
 
 def test_a_damaged_block_is_reported_not_half_read() -> None:
     head = ChainHead("w:h:1:ab:match", "match")
-    out = format_copy_batch([event_tuple(AuditEvent("match", "apikey:x"))] * 3, {"match": head}, frozenset({"match"}))
-    row = dict(zip(BLOCK_COLUMNS.split(", "), out.blocks()[0], strict=True))
+    recs = [append(head, AuditEvent("match", "apikey:x")) for _ in range(3)]
+    row = dict(zip(BLOCK_COLUMNS.split(", "), block_rows(recs)[0], strict=True))
     with pytest.raises(ValueError, match="damaged"):
         unpack_block({**row, "hashes": row["hashes"][:-32]})
 
