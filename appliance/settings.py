@@ -115,13 +115,6 @@ class Settings(BaseSettings):
     audit_queue_size: int = Field(default=100_000, gt=0)
     audit_batch_max: int = Field(default=5000, gt=0)
     audit_flush_interval: float = Field(default=0.2, gt=0)
-    audit_block_seconds: float = 0.25
-    audit_writer_process: bool = True
-    audit_writer_nice: int = Field(default=19, ge=0, le=19)
-    audit_writer_idle: bool = True
-    audit_writer_lanes: int = Field(default=1, ge=1, le=8)
-    audit_tx_chains: int = Field(default=8, ge=1, le=8)
-    audit_match_actions: list[str] = Field(default_factory=lambda: ["match", "match.batch"])
     audit_checkpoint_interval: float = Field(default=60.0, gt=0)
     audit_partitions_ahead: int = Field(default=3, ge=1, le=24)
     audit_match_retention_days: int = Field(default=90, gt=0)

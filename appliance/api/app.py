@@ -9,12 +9,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.api import health, openapi, problems
 from appliance.api.middleware import RequestContext
 from appliance.api.state import AppState
+from appliance.audit.log import audit_log
 from appliance.logs import configure_logging, get_logger
 from appliance.settings import Settings, get_settings
 
@@ -51,7 +52,24 @@ class ApplianceAPI(FastAPI):
             if handler is not None:
                 await handler(scope, receive, send)
                 return
+            send = self._audit_denials(scope, send)
         await super().__call__(scope, receive, send)
+
+    def _audit_denials(self, scope: Scope, send: Send) -> Send:
+        """Every 401 and 403 the routes answer, wherever raised, counted for the audit trail
+        (aggregated: ``appliance.audit.denied``). The fast match door counts its own."""
+
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in (401, 403):
+                state = getattr(self.state, "appliance", None)
+                if state is not None:
+                    auth = dict(scope["headers"]).get(b"authorization")
+                    route = getattr(scope.get("route"), "path", "unmatched")  # the template: a bounded set
+                    audit_log(state).deny(scope["method"], route, message["status"],
+                                          None if auth is None else auth.decode("latin-1"), state.api_keys)
+            await send(message)
+
+        return watched
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

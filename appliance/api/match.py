@@ -303,6 +303,9 @@ class FastMatch:
             status, out, headers = 200, answer(state, key, media, query, body, self.batch, rid_text), _JSON_HEADERS
         except Exception as exc:  # every failure leaves as a problem document, as through the router
             status, out, headers = self._problem(exc, rid_text)
+            if status in (401, 403):  # audited like the routes' (appliance.api.app), aggregated
+                audit_log(state).deny("POST", self.path, status, None if auth is None else auth.decode("latin-1"),
+                                      state.api_keys)
         await send({"type": "http.response.start", "status": status,
                     "headers": [*headers, (b"content-length", str(len(out)).encode()),
                                 (b"x-request-id", rid_text.encode())]})
