@@ -63,21 +63,31 @@ class SubjectKeys:
     ) -> dict[uuid.UUID, SubjectKey]:
         """Keys of many subjects (bulk enrolment): cached ones free, stored ones unwrapped, missing ones made.
 
-        Each owner key is its own key in the provider, so an uncached subject costs one round trip.
+        Each owner key is its own key in the provider, so an uncached subject costs one round trip; the
+        provider overlaps them (``wrap_owned_many``/``unwrap_owned_many``).
         """
-        out = {sid: key for sid in dict.fromkeys(subject_ids) if (key := self._cached(sid)) is not None}
-        todo = [sid for sid in dict.fromkeys(subject_ids) if sid not in out]
-        if todo:
-            rows = conn.execute(
-                "SELECT subject_id, key_id, wrapped_dek, scheme FROM subject_keys WHERE subject_id = ANY(%s)", (todo,)
-            ).fetchall()
-            for sid, key_id, wrapped, scheme in rows:
+        wanted = list(dict.fromkeys(subject_ids))
+        out = {sid: key for sid in wanted if (key := self._cached(sid)) is not None}
+        todo = [sid for sid in wanted if sid not in out]
+        if not todo:
+            return out
+        rows = conn.execute(
+            "SELECT subject_id, key_id, wrapped_dek, scheme FROM subject_keys WHERE subject_id = ANY(%s)", (todo,)
+        ).fetchall()
+        owned = [(sid, key_id, bytes(w)) for sid, key_id, w, scheme in rows if scheme == "owner"]
+        deks = self.provider.unwrap_owned_many([(owner_name(s), w, wrap_context(s)) for s, _, w in owned])
+        for (sid, key_id, _), dek in zip(owned, deks, strict=True):
+            self.cache.put(sid, key_id.bytes + dek)
+            out[sid] = SubjectKey(key_id, dek)
+        for sid, key_id, wrapped, scheme in rows:
+            if scheme != "owner":
                 out[sid] = self._open(sid, key_id, bytes(wrapped), scheme)
-        for sid in todo:
-            if sid in out:
-                continue
-            dek, key_id = new_dek(), uuid.uuid4()
-            wrapped = self.provider.wrap_owned(owner_name(sid), dek, wrap_context(sid))
+        new = [sid for sid in todo if sid not in out]
+        fresh = [new_dek() for _ in new]
+        wrapped_new = self.provider.wrap_owned_many(
+            [(owner_name(sid), dek, wrap_context(sid)) for sid, dek in zip(new, fresh, strict=True)])
+        for sid, dek, wrapped in zip(new, fresh, wrapped_new, strict=True):
+            key_id = uuid.uuid4()
             row = conn.execute(  # kek_version 0: not under the KEK, so KEK rotation leaves the row alone
                 """INSERT INTO subject_keys (subject_id, key_id, wrapped_dek, kek_version, scheme)
                    VALUES (%s, %s, %s, 0, 'owner') ON CONFLICT (subject_id) DO NOTHING RETURNING key_id""",

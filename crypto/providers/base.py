@@ -101,6 +101,14 @@ class KeyProvider(Protocol):
         """Unwrap a value from ``wrap_owned``; ``KeyNotFound`` once the owner's key is destroyed."""
         ...
 
+    def wrap_owned_many(self, items: Sequence[tuple[str, bytes, bytes]]) -> list[bytes]:
+        """``wrap_owned`` of each ``(owner, dek, context)``; providers overlap the round trips."""
+        return [self.wrap_owned(owner, dek, context) for owner, dek, context in items]
+
+    def unwrap_owned_many(self, items: Sequence[tuple[str, bytes, bytes]]) -> list[bytes]:
+        """``unwrap_owned`` of each ``(owner, wrapped, context)``; the whole call fails if any item fails."""
+        return [self.unwrap_owned(owner, wrapped, context) for owner, wrapped, context in items]
+
     def destroy_owned(self, owner: str) -> KeyDestruction:
         """Delete ``owner``'s key for good (idempotent: a missing key is reported, not an error)."""
         ...

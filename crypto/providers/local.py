@@ -35,7 +35,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,44 +254,59 @@ class LocalFileProvider(KeyProvider):
         self._owners = (generation, index)
         return index
 
-    def _owner_write(self, fd: int, index: dict[bytes, tuple[int, bytes]], offset: int, slot: bytes) -> None:
-        """Write one slot and bump the generation, then fsync: other processes re-read before trusting a cache."""
+    def _owner_keys(self, owners: Sequence[str], create: bool) -> list[bytes | None]:
+        """Each owner's key (made when ``create``), under one file lock and at most one fsync for the lot."""
+        digests = [hashlib.sha256(check_owner(o).encode()).digest() for o in owners]
+        with self._file_lock():
+            fd = self._owner_fd()
+            try:
+                index = self._owner_index(fd)
+                missing = [d for d in dict.fromkeys(digests) if d not in index]
+                if create and missing:
+                    used = {offset for offset, _ in index.values()}
+                    size = os.fstat(fd).st_size
+                    end = max(_SLOT, size - size % _SLOT)
+                    free = (o for o in range(_SLOT, end, _SLOT) if o not in used)
+                    writes = []
+                    for digest in missing:
+                        offset = next(free, None)
+                        if offset is None:
+                            offset, end = end, end + _SLOT
+                        index[digest] = (offset, AESGCM.generate_key(bit_length=256))
+                        writes.append((offset, digest + index[digest][1]))
+                    self._owner_write(fd, index, writes)
+                return [index[d][1] if d in index else None for d in digests]
+            finally:
+                os.close(fd)
+
+    def _owner_write(self, fd: int, index: dict[bytes, tuple[int, bytes]], slots: list[tuple[int, bytes]]) -> None:
+        """Write slots and bump the generation, then fsync: other processes re-read before trusting a cache."""
         header = os.pread(fd, _SLOT, 0)
         generation = int.from_bytes(header[8:16], "big") + 1 if header[:8] == _OWNER_MAGIC else 1
-        os.pwrite(fd, slot, offset)
+        for offset, slot in slots:
+            os.pwrite(fd, slot, offset)
         new_header = _OWNER_MAGIC + generation.to_bytes(8, "big") + bytes(_SLOT - 16)
         os.pwrite(fd, new_header, 0)
         os.fsync(fd)
         self._owners = (new_header[8:16], index)
 
-    def _owner_key(self, owner: str, create: bool) -> bytes | None:
-        digest = hashlib.sha256(check_owner(owner).encode()).digest()
-        with self._file_lock():
-            fd = self._owner_fd()
-            try:
-                index = self._owner_index(fd)
-                if digest in index or not create:
-                    return index[digest][1] if digest in index else None
-                key = AESGCM.generate_key(bit_length=256)
-                used = {offset for offset, _ in index.values()}
-                end = max(_SLOT, os.fstat(fd).st_size - os.fstat(fd).st_size % _SLOT)
-                offset = next((o for o in range(_SLOT, end, _SLOT) if o not in used), end)
-                index[digest] = (offset, key)
-                self._owner_write(fd, index, offset, digest + key)
-                return key
-            finally:
-                os.close(fd)
-
     def wrap_owned(self, owner: str, dek: bytes, context: bytes = b"") -> bytes:
-        key = self._owner_key(owner, create=True)
-        assert key is not None
-        nonce = os.urandom(_NONCE_SIZE)
-        return _OWNED_PREFIX + base64.b64encode(nonce + AESGCM(key).encrypt(nonce, bytes(dek), _OWNED_PREFIX + context))
+        return self.wrap_owned_many([(owner, dek, context)])[0]
+
+    def wrap_owned_many(self, items: Sequence[tuple[str, bytes, bytes]]) -> list[bytes]:
+        keys = self._owner_keys([owner for owner, _, _ in items], create=True)
+        out = []
+        for (_, dek, context), key in zip(items, keys, strict=True):
+            assert key is not None
+            nonce = os.urandom(_NONCE_SIZE)
+            sealed = AESGCM(key).encrypt(nonce, bytes(dek), _OWNED_PREFIX + context)
+            out.append(_OWNED_PREFIX + base64.b64encode(nonce + sealed))
+        return out
 
     def unwrap_owned(self, owner: str, wrapped: bytes, context: bytes = b"") -> bytes:
         if not bytes(wrapped).startswith(_OWNED_PREFIX):
             raise AuthenticationError("not a local owner-wrapped key")
-        key = self._owner_key(owner, create=False)
+        key = self._owner_keys([owner], create=False)[0]
         if key is None:
             raise KeyNotFound(f"owner key {owner} does not exist (destroyed by an erasure?)")
         try:
@@ -301,7 +316,7 @@ class LocalFileProvider(KeyProvider):
             raise AuthenticationError("owner-wrapped key failed authentication (wrong context or tampered)") from None
 
     def owned_exists(self, owner: str) -> bool:
-        return self._owner_key(owner, create=False) is not None
+        return self._owner_keys([owner], create=False)[0] is not None
 
     def destroy_owned(self, owner: str) -> KeyDestruction:
         digest = hashlib.sha256(check_owner(owner).encode()).digest()
@@ -311,7 +326,7 @@ class LocalFileProvider(KeyProvider):
                 index = self._owner_index(fd)
                 found = index.pop(digest, None)
                 if found is not None:
-                    self._owner_write(fd, index, found[0], bytes(_SLOT))
+                    self._owner_write(fd, index, [(found[0], bytes(_SLOT))])
             finally:
                 os.close(fd)
         path = self._path(_OWNER_FILE)

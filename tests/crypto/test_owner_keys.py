@@ -100,3 +100,14 @@ def test_vault_owner_key_is_a_transit_key_the_appliance_may_delete_but_not_its_k
         assert provider.kek_version() >= 1
     finally:
         provider.close()
+
+
+def test_many_owner_keys_are_made_and_opened_in_one_call(provider: KeyProvider) -> None:
+    owners = [f"subject-many-{i}" for i in range(20)]
+    deks = [new_dek() for _ in owners]
+    wrapped = provider.wrap_owned_many([(o, d, o.encode()) for o, d in zip(owners, deks, strict=True)])
+    assert provider.unwrap_owned_many([(o, w, o.encode()) for o, w in zip(owners, wrapped, strict=True)]) == deks
+    provider.destroy_owned(owners[3])
+    with pytest.raises(KeyNotFound):  # one destroyed key fails the whole call, naming no value
+        provider.unwrap_owned_many([(o, w, o.encode()) for o, w in zip(owners, wrapped, strict=True)])
+    assert provider.unwrap_owned(owners[4], wrapped[4], owners[4].encode()) == deks[4]
