@@ -66,6 +66,24 @@ def load(stack: Any, vectors: np.ndarray, ident: np.ndarray, tag: str) -> dict[s
     return {"enrolled_now": job.enrolled, "seconds": round(seconds, 1)}
 
 
+def subjects_by_identity(settings: Any, tag: str, identities_n: int) -> dict[Any, int]:
+    """Subject id -> identity, found through the blind index as the API finds external refs (never in clear)."""
+    import psycopg
+
+    from appliance import clients
+    from appliance.blind_index import BlindIndex
+
+    refs = [f"{tag}-{i}" for i in range(identities_n)]
+    with psycopg.connect(settings.database_admin_url.get_secret_value()) as conn:
+        hashes = BlindIndex(clients.key_provider(settings)).digests(conn, refs)
+        by_hash = dict(zip(hashes, range(identities_n), strict=True))
+        rows = conn.execute("SELECT external_ref_hash, id FROM subjects WHERE external_ref_hash = ANY(%s)",
+                            (hashes,)).fetchall()
+        legacy = conn.execute("SELECT external_ref, id FROM subjects WHERE external_ref LIKE %s",
+                              (f"{tag}-%",)).fetchall()  # loaded before migration 0008, not yet upgraded
+    return {r[1]: by_hash[bytes(r[0])] for r in rows} | {r[1]: int(r[0].rsplit("-", 1)[1]) for r in legacy}
+
+
 def ensure_pg_hnsw(stack: Any) -> float:
     import psycopg
 
@@ -274,7 +292,6 @@ def faiss_run(stack: Any, pq: np.ndarray, truth: list[list[int]], sid_ident: dic
 
 def run_scale(n: int, n_queries: int, duration: float, workers: int, skip_pgvector: bool = False,
               keep_snapshot: bool = False) -> dict[str, Any]:
-    import psycopg
 
     from appliance.matching import ServiceConfig
 
@@ -285,10 +302,7 @@ def run_scale(n: int, n_queries: int, duration: float, workers: int, skip_pgvect
     print(f"[{n}] loading")
     loaded = load(stack, vectors, ident, tag)
     pg_index_s = None if skip_pgvector else ensure_pg_hnsw(stack)
-    with psycopg.connect(settings.database_admin_url.get_secret_value()) as conn:
-        rows = conn.execute("SELECT external_ref, id FROM subjects WHERE external_ref LIKE %s",
-                            (f"{tag}-%",)).fetchall()
-    sid_ident = {r[1]: int(r[0].rsplit("-", 1)[1]) for r in rows}
+    sid_ident = subjects_by_identity(settings, tag, int(ident.max()) + 1)
     to_ident = {str(k): v for k, v in sid_ident.items()}
     q, _who = probes(centres, n_queries)
     truth = exact_top(vectors, ident, q)
