@@ -270,6 +270,8 @@ class Record:
     body_json: str
     prev: bytes
     hash: bytes
+    subject: uuid.UUID | None = None  # the subject id as a UUID, for a row and a block's subject index
+    element: str = ""  # a match record's entry in its block, made here so the writer only joins
 
     def exported(self) -> dict[str, Any]:
         """The form an export carries (and the verifier recomputes ``hash`` from)."""
@@ -280,9 +282,9 @@ class Record:
 
     def row(self) -> tuple[Any, ...]:
         """The values of a plain ``audit_log`` row, in ``COPY_COLUMNS`` order."""
-        return (self.ts, self.chain, self.seq, self.cls, self.actor, self.action,
-                None if self.subject_id is None else uuid.UUID(self.subject_id), self.object_id, self.outcome,
-                self.request_id, self.details_json, self.prev, self.hash)
+        subject = self.subject if self.subject is not None or self.subject_id is None else uuid.UUID(self.subject_id)
+        return (self.ts, self.chain, self.seq, self.cls, self.actor, self.action, subject, self.object_id,
+                self.outcome, self.request_id, self.details_json, self.prev, self.hash)
 
 
 COPY_COLUMNS = ("ts, chain, seq, class, actor, action, subject_id, object_id, outcome, request_id, details, "
@@ -304,22 +306,54 @@ def append(head: ChainHead, event: AuditEvent, on_redacted: Callable[[str, list[
         on_redacted(event.action, removed)
     ts = event.ts if event.ts.tzinfo is not None else event.ts.replace(tzinfo=UTC)
     ts = max(ts, head.ts)  # ts never decreases along a chain
-    ts_s = ts_text(ts)
-    actor, action, outcome = _bounded(event.actor, 200), _bounded(event.action, 100), _bounded(event.outcome, 40)
-    subject = None if event.subject_id is None else str(event.subject_id)
+    ts_s = ts.isoformat(timespec="microseconds") if ts.tzinfo is UTC else ts_text(ts)
+    actor, actor_js = _word(event.actor, 200)
+    action, action_js = _word(event.action, 100)
+    outcome, outcome_js = _word(event.outcome, 40)
+    subject, subject_js, subj_js = _subject(event.subject_id)
     object_id = None if event.object_id is None else _bounded(event.object_id, MAX_STRING)
     request_id = None if event.request_id is None else _bounded(event.request_id, 100)
     details_json = "".join(_ENCODE_FLAT(details, 0)) if details is event.details else _ENCODER.encode(details)
-    body = (f'{{"actor":{_js(actor)},"details":{details_json},"object_id":{_js(object_id)},'
-            f'"request_id":{_js(request_id)},"subject_id":{_js(subject)}}}')
+    body = (f'{{"actor":{actor_js},"details":{details_json},"object_id":{_js(object_id)},'
+            f'"request_id":{_js(request_id)},"subject_id":{subject_js}}}')
     seq, prev = head.seq + 1, head.hash
-    header = (f'{{"action":{_js(action)},"body":"{sha256_hex(body.encode())}","chain":{_js(head.name)},'
-              f'"class":{_js(head.cls)},"outcome":{_js(outcome)},"prev":"{prev.hex()}","seq":{seq},'
-              f'"subj":{_js(subject_digest(subject))},"ts":"{ts_s}","v":{FORMAT_VERSION}}}')
+    header = (f'{{"action":{action_js},"body":"{sha256_hex(body.encode())}","chain":{_word(head.name, 200)[1]},'
+              f'"class":{_word(head.cls, 40)[1]},"outcome":{outcome_js},"prev":"{prev.hex()}","seq":{seq},'
+              f'"subj":{subj_js},"ts":"{ts_s}","v":{FORMAT_VERSION}}}')
     digest = hashlib.sha256(header.encode()).digest()
     head.seq, head.hash, head.ts = seq, digest, ts
+    element = f'["{ts_s}",{action_js},{outcome_js},{body}]' if head.cls == MATCH_CLASS else ""
     return Record(head.name, seq, ts, ts_s, head.cls, actor, action, subject, object_id, outcome, request_id,
-                  details_json, body, prev, digest)
+                  details_json, body, prev, digest, event.subject_id if type(event.subject_id) is uuid.UUID else None,
+                  element)
+
+
+# Actors, actions, outcomes, chain names and subjects recur: their bounded text and JSON are made once.
+_WORDS: dict[tuple[str, int], tuple[str, str]] = {}
+_SUBJECTS: dict[object, tuple[str | None, str, str]] = {None: (None, "null", "null")}
+
+
+def _word(value: str, limit: int) -> tuple[str, str]:
+    found = _WORDS.get((value, limit))
+    if found is None:
+        text = _bounded(value, limit)
+        found = (text, encode_basestring(text))
+        if len(_WORDS) < 10_000:
+            _WORDS[(value, limit)] = found
+    return found
+
+
+def _subject(subject: object) -> tuple[str | None, str, str]:
+    """A subject id's text, its JSON, and its digest's JSON (the header's ``subj``)."""
+    found = _SUBJECTS.get(subject)
+    if found is None:
+        text = str(subject)
+        found = (text, encode_basestring(text), _js(subject_digest(text)))
+        if len(_SUBJECTS) >= 50_000:  # the enrolled people a camera sees recur; bounded all the same
+            _SUBJECTS.clear()
+            _SUBJECTS[None] = (None, "null", "null")
+        _SUBJECTS[subject] = found
+    return found
 
 
 def _bounded(value: object, limit: int) -> str:
@@ -366,23 +400,13 @@ def block_rows(records: list[Record]) -> list[tuple[Any, ...]]:
         if records[stop - 1].ts >= month_end:  # rare: the block would cross a month; cut it there
             stop = next(i for i in range(start, stop) if records[i].ts >= month_end)
         group = records[start:stop]
-        elements = ",".join(f'["{r.ts_s}",{_js(r.action)},{_js(r.outcome)},{r.body_json}]' for r in group)
         first, last = group[0], group[-1]
+        packed = compressor.compress(("[" + ",".join([r.element for r in group]) + "]").encode())
+        subjects = sorted({r.subject for r in group if r.subject is not None})  # UUID order is text order
         out.append((last.ts, first.ts, last.chain, last.seq, len(group), last.cls, BLOCK_ACTOR, BLOCK_ACTION,
-                    BLOCK_OUTCOME, "{}", first.prev, last.hash, compressor.compress(f"[{elements}]".encode()),
-                    b"".join(r.hash for r in group), _uuids({r.subject_id for r in group}) or None))
+                    BLOCK_OUTCOME, "{}", first.prev, last.hash, packed, b"".join([r.hash for r in group]),
+                    subjects or None))
         start = stop
-    return out
-
-
-def _uuids(texts: set[str | None]) -> list[uuid.UUID]:
-    """The block's subject index: UUIDs only (a text subject id stays in its record, not in the index)."""
-    out = []
-    for text in sorted(t for t in texts if t is not None):
-        try:
-            out.append(uuid.UUID(text))
-        except ValueError:
-            continue
     return out
 
 
