@@ -31,6 +31,7 @@ status: $(STAMP)
 ## the converge test (deploy-test: the installer's path, as root).
 test: $(STAMP) deploy-tools
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(MAKE) --no-print-directory deploy-lint
 	DEPLOY_CHECK_REQUIRE_SYSTEMD=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory deploy-test

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from appliance.api.types import FORBIDDEN_TEXT, SafeText
 from appliance.enrolment import check_subjects, ensure_models, external_ref_aad, publish, write_encodings
 from appliance.errors import BadRequest, Conflict, Unprocessable
+from appliance.state import AppState
+from appliance.types import FORBIDDEN_TEXT, SafeText
 from crypto.seal import seal
 from vector.errors import InvalidVector
 from vector.templates import as_matrix
@@ -51,7 +52,7 @@ class _Line:
 class BulkEnrolment:
     """One request's progress; ``add_line`` buffers, ``flush`` commits a chunk (call it off the event loop)."""
 
-    state: Any
+    state: AppState
     key: str
     actor: str
     request_id: str | None
@@ -170,7 +171,7 @@ class BulkEnrolment:
                 "lines_done": int(row[0]), "encodings_total": int(row[1])}
 
 
-def _resolve_refs(state: Any, conn: Any, refs: set[str]) -> dict[str, uuid.UUID]:
+def _resolve_refs(state: AppState, conn: Any, refs: set[str]) -> dict[str, uuid.UUID]:
     """Subjects by external_ref (through the blind index), creating the missing ones in the chunk's transaction.
 
     A new subject's reference is stored sealed with its own DEK, made here (one owner key each).

@@ -1,5 +1,5 @@
-"""The ``appliance`` command: serve, migrate, the local stack, API keys (and, from other modules,
-keys, audit, subjects, retention, backup)."""
+"""The ``appliance`` command: serve, migrate, the local stack, API keys (and, from ``appliance.commands``,
+keys, subject, audit, retention, backup)."""
 
 from __future__ import annotations
 
@@ -11,28 +11,15 @@ from typing import Annotated
 
 import typer
 
-from appliance.settings import Settings, get_settings
+from appliance.commands import audit, backup, keys, retention, subject
+from appliance.commands.context import fail, load_settings
+from appliance.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Edge biometric storage appliance.")
 stack_app = typer.Typer(no_args_is_help=True, help="The embedded local service stack (dev, tests, quick start).")
 apikey_app = typer.Typer(no_args_is_help=True, help="API keys and their scopes.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(apikey_app, name="apikey")
-
-
-def _settings() -> Settings:
-    """Settings, defaulting APPLIANCE_CONFIG to the file the local stack writes."""
-    if "APPLIANCE_CONFIG" not in os.environ:
-        default = Path(os.environ.get("APPLIANCE_VAR_DIR", "var")) / "appliance.toml"
-        if default.is_file():
-            os.environ["APPLIANCE_CONFIG"] = str(default)
-    get_settings.cache_clear()
-    return get_settings()
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.secho(message, fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -43,7 +30,7 @@ def serve(
     """Run the HTTP API (uvicorn)."""
     import uvicorn
 
-    settings = _settings()
+    settings = load_settings()
     uvicorn.run(
         "appliance.api.app:create_app",
         factory=True,
@@ -65,10 +52,9 @@ def migrate() -> None:
     from appliance.db.pool import admin_dsn
 
     try:
-        applied = run(admin_dsn(_settings()))
+        applied = run(admin_dsn(load_settings()))
     except MigrationError as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc))
     typer.echo(f"applied: {', '.join(applied)}" if applied else "database is up to date")
 
 
@@ -110,7 +96,7 @@ def stack_up(
             _ensure_admin_key(stack.var_dir)
             stack.up(with_api=True)
     except StackError as exc:
-        _fail(f"stack up failed: {exc}")
+        fail(f"stack up failed: {exc}")
     _print_status(stack)
     typer.echo(f"settings written to {stack.config_file}")
 
@@ -165,8 +151,7 @@ def apikey_create(
     try:
         key, token = _create_key_audited(name, [s.strip() for s in scopes.split(",") if s])
     except ValueError as exc:
-        _fail(str(exc), 2)
-        return
+        fail(str(exc), 2)
     typer.echo(f"id: {key.id}\nscopes: {','.join(sorted(key.scopes))}", err=True)
     typer.echo(token)
 
@@ -179,7 +164,7 @@ def apikey_list() -> None:
     from appliance.auth import list_keys
     from appliance.db.pool import admin_dsn
 
-    with psycopg.connect(admin_dsn(_settings())) as conn:
+    with psycopg.connect(admin_dsn(load_settings())) as conn:
         keys = list_keys(conn)
     for k in keys:
         state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
@@ -197,12 +182,12 @@ def apikey_revoke(key: Annotated[str, typer.Argument(help="Key id or prefix.")])
     from appliance.auth import revoke_key
     from appliance.db.pool import admin_dsn
 
-    with psycopg.connect(admin_dsn(_settings())) as conn:
+    with psycopg.connect(admin_dsn(load_settings())) as conn:
         revoked = revoke_key(conn, key)
         if revoked is not None:
             record_event(conn, AuditEvent(action="apikey.revoke", actor=cli_actor(), object_id=str(revoked)))
     if revoked is None:
-        _fail(f"no active key {key!r}")
+        fail(f"no active key {key!r}")
     typer.echo(f"revoked {key}")
 
 
@@ -216,7 +201,7 @@ def _create_key_audited(name: str, scopes: list[str]):  # type: ignore[no-untype
     from appliance.auth import create_key
     from appliance.db.pool import admin_dsn
 
-    with psycopg.connect(admin_dsn(_settings())) as conn:
+    with psycopg.connect(admin_dsn(load_settings())) as conn:
         key, token = create_key(conn, name, scopes)
         record_event(conn, AuditEvent(action="apikey.create", actor=cli_actor(), object_id=str(key.id),
                                       details={"scopes": sorted(scopes), "name": name}))
@@ -224,23 +209,11 @@ def _create_key_audited(name: str, scopes: list[str]):  # type: ignore[no-untype
 
 
 # Command groups living beside their feature: appliance/commands/<name>.py exposes a Typer ``app``.
-COMMAND_GROUPS = ("keys", "subject", "audit", "retention", "backup")
-
-
-def _add_command_groups() -> None:
-    import importlib
-
-    for name in COMMAND_GROUPS:
-        try:
-            module = importlib.import_module(f"appliance.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"appliance.commands.{name}":
-                continue
-            raise
-        app.add_typer(module.app, name=name)
-
-
-_add_command_groups()
+app.add_typer(keys.app, name="keys")
+app.add_typer(subject.app, name="subject")
+app.add_typer(audit.app, name="audit")
+app.add_typer(retention.app, name="retention")
+app.add_typer(backup.app, name="backup")
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import psycopg
@@ -22,11 +21,11 @@ import psycopg
 from appliance.audit import AuditEvent
 from appliance.errors import Conflict, Gone, NotFound
 from appliance.logs import get_logger
+from appliance.state import AppState
 from crypto.seal import aad, seal
 from vector import store
 from vector.feed import Feed, FeedMessage
 from vector.store import TemplateBatch, uuids_to_bytes
-from vector.templates import TemplateKeys
 
 log = get_logger(__name__)
 AUDIT_IDS_PER_RECORD = 50  # audit details stay under the 4 KiB cap
@@ -53,24 +52,13 @@ class Enrolled:
     template_version: int
 
 
-def template_keys(state: Any) -> TemplateKeys:
-    """The process's template-key cache (shared with the index service when it runs)."""
-    service = state.extras.get("matcher")
-    if service is not None and service.template_keys is not None:
-        return service.template_keys  # type: ignore[no-any-return]
-    found = state.extras.get("template_keys")
-    if found is None:
-        found = state.extras["template_keys"] = TemplateKeys(state.keys)
-    return found  # type: ignore[no-any-return]
-
-
-def ensure_models(state: Any, models: set[str]) -> None:
+def ensure_models(state: AppState, models: set[str]) -> None:
     """Create each model's template key and feed row on first use (outside the write transaction)."""
-    known: set[str] = state.extras.setdefault("known_models", set())
+    known = state.known_models
     todo = models - known
     if not todo:
         return
-    keys = template_keys(state)
+    keys = state.template_keys
     with state.pool.connection() as conn:
         for model in sorted(todo):
             keys.ensure_model(conn, model, state.settings.models[model].dim)
@@ -91,12 +79,10 @@ def check_subjects(conn: psycopg.Connection, subject_ids: set[uuid.UUID]) -> Non
 
 
 def write_encodings(
-    state: Any, conn: psycopg.Connection, subject_ids: list[uuid.UUID], models: list[str], raw: list[np.ndarray],
+    state: AppState, conn: psycopg.Connection, subject_ids: list[uuid.UUID], models: list[str], raw: list[np.ndarray],
     actor: str, request_id: str | None, check: bool = True,
 ) -> tuple[list[Enrolled], list[FeedMessage]]:
     """Inside the caller's transaction: seal, protect, COPY, audit, bump the feed; publish after commit."""
-    from appliance.audit.log import audit_log
-
     if check:
         check_subjects(conn, set(subject_ids))
     deks = {sid: k.dek for sid, k in state.subject_keys.get_or_create_many(conn, subject_ids).items()}
@@ -109,7 +95,7 @@ def write_encodings(
     by_model: dict[str, list[int]] = defaultdict(list)
     for i, m in enumerate(models):
         by_model[m].append(i)
-    keys = template_keys(state)
+    keys = state.template_keys
     enrolled: list[Enrolled] = []
     messages: list[FeedMessage] = []
     for model in sorted(by_model):  # one lock order for every writer: no deadlocks across models
@@ -125,7 +111,7 @@ def write_encodings(
         batch = TemplateBatch(labels[rows], uuids_to_bytes(m_subjects), uuids_to_bytes(m_ids), templates)
         messages.append(FeedMessage(b"", "add", model, seq, version, batch.labels, batch))
         enrolled += [Enrolled(m_ids[j], m_subjects[j], int(labels[rows][j]), model, version) for j in range(len(rows))]
-    audit = audit_log(state)
+    audit = state.audit
     per_subject: dict[tuple[uuid.UUID, str], list[str]] = defaultdict(list)
     for e in enrolled:
         per_subject[(e.subject_id, e.model)].append(str(e.encoding_id))
@@ -139,7 +125,7 @@ def write_encodings(
     return enrolled, messages
 
 
-def publish(state: Any, messages: list[FeedMessage], wait: float = 1.0) -> None:
+def publish(state: AppState, messages: list[FeedMessage], wait: float = 1.0) -> None:
     """After commit: tell every worker. A failure is logged, never raised: PostgreSQL already has the rows.
 
     ``wait`` > 0: apply to this worker's index before returning (read-your-writes for single enrolment).
@@ -151,13 +137,12 @@ def publish(state: Any, messages: list[FeedMessage], wait: float = 1.0) -> None:
             feed.publish_add(msg.model, msg.seq, msg.version, msg.batch)
         except Exception as exc:
             log.warning("feed_publish_failed", model=msg.model, seq=msg.seq, error=type(exc).__name__)
-    service = state.extras.get("matcher")
-    if service is not None:
+    if state.matcher is not None:
         for msg in messages:
-            service.offer(msg, wait)
+            state.matcher.offer(msg, wait)
 
 
-def enrol(state: Any, subject_id: uuid.UUID, model: str, vectors: np.ndarray, actor: str,
+def enrol(state: AppState, subject_id: uuid.UUID, model: str, vectors: np.ndarray, actor: str,
           request_id: str | None) -> list[Enrolled]:
     """Enrol one subject's vectors (validated (n, dim) float32) in one transaction."""
     ensure_models(state, {model})

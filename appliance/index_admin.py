@@ -15,15 +15,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from appliance.audit import AuditEvent
-from appliance.enrolment import encoding_aad, ensure_models, template_keys
+from appliance.enrolment import encoding_aad, ensure_models
 from appliance.errors import Conflict
 from appliance.logs import get_logger
 from appliance.matching import tombstone_file
+from appliance.state import AppState
 from crypto.seal import open_sealed
 from vector import store
 from vector.feed import Feed, FeedMessage
@@ -32,7 +32,7 @@ from vector.tombstones import LocalTombstones
 log = get_logger(__name__)
 
 
-def tombstone_subject(state: Any, subject_id: uuid.UUID) -> list[int]:
+def tombstone_subject(state: AppState, subject_id: uuid.UUID) -> list[int]:
     """Tombstone every label of the subject in this process AND in Redis before returning; returns the labels.
 
     Raises redis.ConnectionError/TimeoutError when Redis is down (the erasure job retries the step):
@@ -41,9 +41,8 @@ def tombstone_subject(state: Any, subject_id: uuid.UUID) -> list[int]:
     with state.pool.connection() as conn:
         rows = conn.execute("SELECT label FROM encodings WHERE subject_id = %s", (subject_id,)).fetchall()
     labels = [int(r[0]) for r in rows]
-    service = state.extras.get("matcher")
-    if service is not None:
-        service.publish_tombstones(labels)  # this process, then every worker on the host
+    if state.matcher is not None:
+        state.matcher.publish_tombstones(labels)  # this process, then every worker on the host
     else:  # a CLI erasure: tell the host's workers through the file they poll
         local = LocalTombstones(tombstone_file(state.settings))
         try:
@@ -54,7 +53,7 @@ def tombstone_subject(state: Any, subject_id: uuid.UUID) -> list[int]:
     return labels
 
 
-def purge_labels(state: Any, labels: list[int]) -> None:
+def purge_labels(state: AppState, labels: list[int]) -> None:
     """Call after the rows of ``labels`` are deleted and committed: every worker drops them from its index.
 
     Tombstones already hide them; this makes the deletion part of each model's feed sequence, so a
@@ -72,10 +71,9 @@ def purge_labels(state: Any, labels: list[int]) -> None:
             feed.publish_delete(model, seq, arr)
         except Exception as exc:
             log.warning("feed_publish_failed", model=model, seq=seq, error=type(exc).__name__)
-    service = state.extras.get("matcher")
-    if service is not None:
+    if state.matcher is not None:
         for model, seq in seqs.items():
-            service.offer(FeedMessage(b"", "delete", model, seq, 0, arr), wait=0.0)
+            state.matcher.offer(FeedMessage(b"", "delete", model, seq, 0, arr), wait=0.0)
 
 
 @dataclass
@@ -88,7 +86,7 @@ class RotationResult:
 
 
 def rotate_template_key(
-    state: Any, model: str, batch_size: int = 1000, progress: Callable[[int, int], None] | None = None,
+    state: AppState, model: str, batch_size: int = 1000, progress: Callable[[int, int], None] | None = None,
     actor: str = "cli", stop_after_batches: int | None = None,
 ) -> RotationResult | None:
     """Rotate ``model``'s template key; resumable (run again after a crash). Returns None if stopped early.
@@ -96,10 +94,8 @@ def rotate_template_key(
     ``progress(done, total)`` is called after each committed batch; ``stop_after_batches`` exists for
     tests of resumption.
     """
-    from appliance.audit.log import audit_log
-
     ensure_models(state, {model})
-    keys = template_keys(state)
+    keys = state.template_keys
     dim = state.settings.models[model].dim
     with state.pool.connection() as conn:
         with conn.transaction():
@@ -151,29 +147,26 @@ def rotate_template_key(
             seq = conn.execute(
                 """UPDATE index_state SET template_version = %s, rotating_to = NULL, updated_at = now()
                    WHERE model = %s RETURNING feed_seq""", (target, model)).fetchone()[0]
-            audit_log(state).record(conn, AuditEvent("key.rotate", actor, details={
+            state.audit.record(conn, AuditEvent("key.rotate", actor, details={
                 "kind": "template", "model": model, "from_version": old, "to_version": target, "count": total}))
     try:
         Feed(state.redis).publish_rekey(model, seq, target)
     except Exception as exc:
         log.warning("feed_publish_failed", model=model, seq=seq, error=type(exc).__name__)
-    service = state.extras.get("matcher")
-    if service is not None:
-        service.reload(model)
+    if state.matcher is not None:
+        state.matcher.reload(model)
     destroy_retired_seeds(state, model, actor)
     return RotationResult(model, old, target, done, total)
 
 
-def destroy_retired_seeds(state: Any, model: str, actor: str) -> list[int]:
+def destroy_retired_seeds(state: AppState, model: str, actor: str) -> list[int]:
     """Destroy the seeds of retired template versions (no template uses them since the swap), audited.
 
     From then on every stale copy of a template protected under those versions (dead tuples, WAL,
     backups, old snapshots), erased subjects' included, is a rotation under a key that no longer exists.
     Seeds wrapped by the shared KEK (before migration 0008) cannot be destroyed this way and are left.
     """
-    from appliance.audit.log import audit_log
-
-    keys = template_keys(state)
+    keys = state.template_keys
     destroyed = []
     with state.pool.connection() as conn, conn.transaction():
         versions = [r[0] for r in conn.execute(
@@ -182,13 +175,13 @@ def destroy_retired_seeds(state: Any, model: str, actor: str) -> list[int]:
         for version in versions:
             done = keys.destroy_version(conn, model, version)
             destroyed.append(version)
-            audit_log(state).record(conn, AuditEvent("key.destroy", actor, details={
+            state.audit.record(conn, AuditEvent("key.destroy", actor, details={
                 "kind": "template", "model": model, "version": version, "location": done.location,
                 "existed": done.existed}))
     return destroyed
 
 
-def models_to_rekey(state: Any) -> list[str]:
+def models_to_rekey(state: AppState) -> list[str]:
     """Models whose active template key predates a finished erasure (stale copies of that subject's
     templates exist under it, so a re-key makes them noise), or is still wrapped by the shared KEK."""
     with state.pool.connection() as conn:

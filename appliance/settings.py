@@ -55,7 +55,6 @@ class Settings(BaseSettings):
     log_json: bool = True
     access_log_matches: bool = False
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
-    api_fast_match: bool = True
 
     # --- PostgreSQL ---
     database_url: SecretStr = SecretStr("postgresql://appliance@127.0.0.1:5432/appliance")

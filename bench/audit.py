@@ -15,7 +15,7 @@
    more records than answered matches are expected).
 3. ``burst``: one thread submits 50,000 events to an AuditLog; submitted and committed rates, CPU per event.
 
-Usage: python bench/audit.py [--repeat 3] [--rounds 40] [--phase 0.5] [--seconds 10] [--batch 32]
+Usage: python bench/audit.py [--repeat 5] [--rounds 60] [--phase 0.5] [--seconds 10] [--batch 32]
 Writes bench/results/audit.json.
 """
 
@@ -142,7 +142,6 @@ def paced(settings: Any, token: str, body: bytes, args: argparse.Namespace) -> d
     import uvicorn
 
     from appliance.api.app import create_app
-    from appliance.audit.log import audit_log
     from appliance.audit.queue import BACKPRESSURE
 
     app = create_app(settings)
@@ -152,8 +151,8 @@ def paced(settings: Any, token: str, body: bytes, args: argparse.Namespace) -> d
     while not server.started:
         time.sleep(0.05)
     state = app.state.appliance
-    assert state.extras["matcher"].wait_ready(600)
-    loop, log, ctx = server.servers[0].get_loop(), audit_log(state), mp.get_context("spawn")
+    assert state.matcher.wait_ready(600)
+    loop, log, ctx = server.servers[0].get_loop(), state.audit, mp.get_context("spawn")
 
     def compare(null: bool) -> dict[str, Any]:
         waits, pacer = BACKPRESSURE._value.get(), LoopPacer(loop, None if null else log, args.rate)
@@ -269,8 +268,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000, help="encodings in the index")
     ap.add_argument("--rate", type=int, default=1000, help="extra match events/s in the paced comparison")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--phase", type=float, default=0.5)
     ap.add_argument("--seconds", type=float, default=10.0, help="per max-rate run")
     ap.add_argument("--batch", type=int, default=32, help="probes per batch request")

@@ -46,8 +46,8 @@ from bench.common import (
 
 def load(stack: Any, vectors: np.ndarray, ident: np.ndarray, tag: str) -> dict[str, float]:
     """Enrol whatever is missing through the bulk-enrolment code (in-process: no HTTP for 1M rows)."""
-    from appliance.api.state import AppState
     from appliance.bulk_enrolment import BulkEnrolment
+    from appliance.state import AppState
 
     state = AppState.build(settings_of(stack))
     job = BulkEnrolment(state, f"{tag}-load", "bench", None, chunk_size=5000)
@@ -197,7 +197,7 @@ def _stats(lat: list[float]) -> dict[str, float]:
 
 
 def protected_queries(stack: Any, q: np.ndarray) -> np.ndarray:
-    from appliance.api.state import AppState
+    from appliance.state import AppState
     from vector.store import feed_position
     from vector.templates import TemplateKeys
 
@@ -251,7 +251,7 @@ def faiss_run(stack: Any, pq: np.ndarray, truth: list[list[int]], sid_ident: dic
     import psycopg
     from pgvector.psycopg import register_vector
 
-    from appliance.api.state import AppState
+    from appliance.state import AppState
     from vector import snapshot
     from vector.index import HotIndex
     from vector.store import feed_position, hnsw_index_name, load_templates

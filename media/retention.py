@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import islice
-from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -125,29 +124,14 @@ def sweep_orphans(
     return removed
 
 
-def delete_subject_media(state_or_clients: Any, conn: psycopg.Connection, subject_id: uuid.UUID) -> list[str]:
+def delete_subject_media(store: MediaStore, conn: psycopg.Connection, subject_id: uuid.UUID) -> list[str]:
     """For GDPR erasure: remove every object version of the subject's media, then its rows, in ``conn``.
 
-    ``state_or_clients`` is an ``AppState`` (or anything with ``.s3`` and ``.settings.s3_bucket``), a
-    ``MediaStore``, or a ``(minio.Minio, bucket)`` pair. Call it inside the erasure transaction; it
-    locks the rows, is idempotent, and returns the object keys whose every version was removed
-    (thumbnails stored as objects included; newer thumbnails live in their rows and go with them).
-    Raises ``media.errors.StoreUnavailable`` if S3 is down: retry the step.
+    Call it inside the erasure transaction; it locks the rows, is idempotent, and returns the object
+    keys whose every version was removed (thumbnails stored as objects included; newer thumbnails live
+    in their rows and go with them). Raises ``media.errors.StoreUnavailable`` if S3 is down: retry the step.
     """
-    store = _store_of(state_or_clients)
     rows = records.of_subject(conn, subject_id)
     keys = remove_objects(store, rows)
     records.delete_rows(conn, [r.id for r in rows])
     return keys
-
-
-def _store_of(thing: Any) -> MediaStore:
-    if isinstance(thing, MediaStore):
-        return thing
-    if isinstance(thing, tuple):
-        client, bucket = thing
-        return MediaStore(client, bucket)
-    service = getattr(thing, "extras", {}).get("media")
-    if service is not None:
-        return service.store  # type: ignore[no-any-return]
-    return MediaStore(thing.s3, thing.settings.s3_bucket)

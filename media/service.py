@@ -23,6 +23,7 @@ from psycopg_pool import ConnectionPool
 
 from crypto.dek_cache import DekCache
 from crypto.errors import AuthenticationError
+from crypto.providers.base import KeyProvider
 from crypto.stream import HEADER_SIZE, open_range, open_stream, parse_header, sealed_size, segment_span
 from media import records
 from media.crypt import SEGMENT_SIZE, DekReserve, ObjectDek, media_aad, seal_bytes, seal_chunks, wrap_context
@@ -66,10 +67,11 @@ class Limits:
 
 
 class KeySource(Protocol):
-    """What ``AppState`` offers: the KEK provider and per-subject DEKs (``appliance.subject_keys``)."""
+    """The narrow view of the appliance's state this package needs (``media`` never imports ``appliance``):
+    the KEK provider and per-subject DEKs (``appliance.subject_keys.SubjectKeys``)."""
 
     @property
-    def keys(self) -> Any: ...
+    def keys(self) -> KeyProvider: ...
 
     @property
     def subject_keys(self) -> Any: ...
@@ -111,7 +113,7 @@ class Download:
 
 
 class MediaService:
-    """One per process (in ``AppState.extras["media"]``); thread-safe, every call opens its own transaction."""
+    """One per process (``AppState.media``); thread-safe, every call opens its own transaction."""
 
     def __init__(
         self,
@@ -297,7 +299,7 @@ class MediaService:
         if dek is None:
             dek = self.source.keys.unwrap(row.wrapped_dek, wrap_context(row.id))
             self.dek_cache.put(row.id, dek)
-        return dek  # type: ignore[no-any-return]
+        return dek
 
     def _serve(self, row: MediaRow, dek: bytes, span: tuple[int, int] | None) -> Download:
         aad = media_aad(row.id, row.kind)

@@ -1,25 +1,30 @@
-"""The FastAPI application: routers stay thin, errors map in one place, state lives on app.state."""
+"""The FastAPI application: every router, middleware and service it runs, named here in the order they act.
+
+Routers stay thin, errors map in one place (``api.problems``), and the process's services live on one
+typed ``AppState`` (``app.state.appliance``), built and started in the lifespan, stopped at its end.
+"""
 
 from __future__ import annotations
 
 import gc
-import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
-from appliance.api import health, openapi, problems
-from appliance.api.middleware import RequestContext
-from appliance.api.state import AppState
-from appliance.audit.log import audit_log
+from appliance.api import audit, enrol, gdpr, health, keys, match, media, openapi, problems, subjects
+from appliance.api.middleware import DenialAudit, RequestContext
+from appliance.gdpr.erasure import resume_in_background
+from appliance.gdpr.upgrade import upgrade_in_background
 from appliance.logs import configure_logging, get_logger
+from appliance.matching import IndexService, ServiceConfig
 from appliance.settings import Settings, get_settings
+from appliance.state import AppState, media_limits
+from media.errors import StoreUnavailable
 
 log = get_logger(__name__)
+MULTIPART_SLACK = 1024 * 1024  # boundaries and form fields around an uploaded file
 
 
 def _settle_gc() -> None:
@@ -32,44 +37,24 @@ def _settle_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-class ApplianceAPI(FastAPI):
-    """FastAPI plus a dispatch table of raw ASGI handlers that run before routing and middleware.
-
-    Only the hot match endpoints use it (``app.state.fast_routes``, filled by their feature module);
-    their FastAPI routes stay as the documented definition and the fallback when it is switched off.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # (method, path) -> raw ASGI handler, set by features (the match path). The same dict is
-        # app.state.fast_routes; this attribute spares every request a State.__getattr__ call.
-        self.fast_routes: dict[tuple[str, str], ASGIApp] = {}
-        self.state.fast_routes = self.fast_routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            handler: ASGIApp | None = self.fast_routes.get((scope["method"], scope["path"]))
-            if handler is not None:
-                await handler(scope, receive, send)
-                return
-            send = self._audit_denials(scope, send)
-        await super().__call__(scope, receive, send)
-
-    def _audit_denials(self, scope: Scope, send: Send) -> Send:
-        """Every 401 and 403 the routes answer, wherever raised, counted for the audit trail
-        (aggregated: ``appliance.audit.denied``). The fast match door counts its own."""
-
-        async def watched(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] in (401, 403):
-                state = getattr(self.state, "appliance", None)
-                if state is not None:
-                    auth = dict(scope["headers"]).get(b"authorization")
-                    route = getattr(scope.get("route"), "path", "unmatched")  # the template: a bounded set
-                    audit_log(state).deny(scope["method"], route, message["status"],
-                                          None if auth is None else auth.decode("latin-1"), state.api_keys)
-            await send(message)
-
-        return watched
+def _start(state: AppState) -> None:
+    """Start the process's services: key cache, audit trail, hot indexes, media bucket, unfinished GDPR work."""
+    state.api_keys.start()
+    audit_log = state.audit  # created now, not on the first match
+    state.matcher = IndexService(state.settings, state.pool, state.redis, lambda: state.keys,
+                                 ServiceConfig.from_settings(state.settings))
+    state.matcher.start()
+    try:  # the versioned bucket now if S3 answers; otherwise the first upload retries it
+        state.media.ensure_bucket()
+    except StoreUnavailable as exc:
+        log.warning("media_bucket_not_ready", error=str(exc))
+    try:
+        audit_log.ensure_partitions(int(state.settings.audit_partitions_ahead))
+    except Exception as exc:  # PostgreSQL may be down at start; the default partition catches rows meanwhile
+        log.warning("audit: could not ensure partitions", error=str(exc))
+    audit_log.start()
+    upgrade_in_background(state)
+    resume_in_background(state)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -80,56 +65,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = AppState.build(settings)
         app.state.appliance = state
-        state.api_keys.start()
-        for hook in app.state.startup_hooks:
-            hook(state)
+        _start(state)
         _settle_gc()
         log.info("started", port=settings.port, key_provider=settings.key_provider)
         try:
             yield
         finally:
-            for hook in reversed(app.state.shutdown_hooks):
-                hook(state)
-            state.close()
+            state.close(checkpoint=True)  # drains the audit queue and signs the chain heads
             log.info("stopped")
 
-    app = ApplianceAPI(
+    app = FastAPI(
         title="Edge biometric storage appliance",
         version=__version__,
         lifespan=lifespan,
         description="Sealed face templates, millisecond matching, audited access, provable erasure.",
     )
-    app.state.settings = settings  # features size their body limits from it in register()
-    app.state.startup_hooks = []
-    app.state.shutdown_hooks = []
-    app.state.body_limits = {}  # path prefix -> max request bytes, set by features (e.g. media uploads)
     problems.install(app)
-    app.include_router(health.router)
-    for register in _feature_routers():
-        register(app)
+    # In the order their operations appear in the OpenAPI document.
+    for router in (health.router, keys.router, subjects.router, enrol.router, match.router, media.router,
+                   audit.router, gdpr.router):
+        app.include_router(router)
     openapi.install(app)
+    # Middlewares, innermost first (each add wraps the previous ones).
+    app.add_middleware(DenialAudit)
     app.add_middleware(
         RequestContext,
         max_body_bytes=settings.max_body_bytes,
-        body_limits=app.state.body_limits,
+        body_limits={"/v1/encodings:bulk": settings.bulk_max_body_bytes,
+                     "/v1/media": media_limits(settings).largest + MULTIPART_SLACK},
         quiet_paths=("/healthz", "/readyz", "/metrics"),
+        quiet_success_paths=() if settings.access_log_matches else ("/v1/match", "/v1/match:batch"),
     )
     return app
-
-
-# Feature modules under appliance/api/, in the order their routes appear in the OpenAPI document.
-# Each exposes ``register(app)`` (routers, startup/shutdown hooks, body limits).
-FEATURES = ("keys", "subjects", "enrol", "match", "media", "audit", "gdpr")
-
-
-def _feature_routers() -> list:  # type: ignore[type-arg]
-    registers = []
-    for name in FEATURES:
-        try:
-            module = importlib.import_module(f"appliance.api.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"appliance.api.{name}":
-                continue  # feature not built into this version
-            raise
-        registers.append(module.register)
-    return registers

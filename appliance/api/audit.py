@@ -1,27 +1,20 @@
-"""Audit trail over HTTP: the streamed, verifiable export for auditors (scope ``audit``).
-
-``register`` also owns the process's AuditLog lifecycle: started in a startup hook, drained and
-checkpointed in a shutdown hook.
-"""
+"""Audit trail over HTTP: the streamed, verifiable export for auditors (scope ``audit``)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from appliance.api.deps import AuditKey, StateDep
 from appliance.api.openapi import problems
-from appliance.api.types import IsoDatetime, SafeText
 from appliance.audit import AuditEvent
 from appliance.audit.export import ExportError, ExportFilter, export_lines
-from appliance.audit.log import audit_log
 from appliance.errors import BadRequest
-from appliance.logs import get_logger
+from appliance.types import IsoDatetime, SafeText
 
-log = get_logger(__name__)
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
 
@@ -54,7 +47,7 @@ def export(
         flt = ExportFilter.build(from_, to, subject_id, action)
     except ExportError as exc:
         raise BadRequest(str(exc)) from None
-    audit = audit_log(state)
+    audit = state.audit
     with state.pool.connection() as conn:
         audit.record(conn, AuditEvent("audit.export", key.actor, subject_id=flt.subject_id,
                                       request_id=getattr(request.state, "request_id", None),
@@ -70,24 +63,3 @@ def export(
             response_class=PemResponse)
 def public_key(_: AuditKey, state: StateDep) -> PemResponse:
     return PemResponse(state.keys.public_key_pem().decode())
-
-
-def _start(state: Any) -> None:
-    audit = audit_log(state)
-    try:
-        audit.ensure_partitions(int(state.settings.audit_partitions_ahead))
-    except Exception as exc:  # PostgreSQL may be down at start; the default partition catches rows meanwhile
-        log.warning("audit: could not ensure partitions", error=str(exc))
-    audit.start()
-
-
-def _stop(state: Any) -> None:
-    audit = state.extras.get("audit")
-    if audit is not None:
-        audit.stop(checkpoint=True)
-
-
-def register(app) -> None:  # type: ignore[no-untyped-def]
-    app.include_router(router)
-    app.state.startup_hooks.append(_start)
-    app.state.shutdown_hooks.append(_stop)

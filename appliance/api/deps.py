@@ -7,10 +7,17 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.applications import Starlette
 
-from appliance.api.state import AppState
 from appliance.auth import ApiKey, Scope, require
 from appliance.db.pool import serve_requests
+from appliance.errors import DependencyUnavailable
+from appliance.state import AppState
+
+
+def state_of(app: Starlette) -> AppState | None:
+    """The process's state, once the application's lifespan has built it (the one place it is kept)."""
+    return getattr(app.state, "appliance", None)
 
 
 async def get_state(request: Request) -> AppState:
@@ -18,13 +25,20 @@ async def get_state(request: Request) -> AppState:
 
     Also marks the request's context, so its database waits get the request bounds (``appliance.db.pool``)."""
     serve_requests()
-    return request.app.state.appliance  # type: ignore[no-any-return]
+    return app_state(request)
+
+
+def app_state(request: Request) -> AppState:
+    """The process's state; 503 before the lifespan has built it."""
+    state = state_of(request.app)
+    if state is None:
+        raise DependencyUnavailable("the service is starting")
+    return state
 
 
 def _check(request: Request, authorization: str | None, scope: Scope) -> ApiKey:
     serve_requests()  # before authenticate: a key unseen since the last refresh is looked up in PostgreSQL
-    state: AppState = request.app.state.appliance
-    key = state.api_keys.authenticate(authorization)
+    key = app_state(request).api_keys.authenticate(authorization)
     require(key, scope)
     request.state.api_key = key
     return key

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Header, Query, Request, status
+from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.api.deps import EnrollKey, StateDep
-from appliance.api.match import vector_errors
 from appliance.api.openapi import problems, requires
-from appliance.api.types import SafeText
 from appliance.auth import Scope, require
 from appliance.bulk_enrolment import BulkEnrolment
 from appliance.enrolment import enrol
 from appliance.errors import BadRequest, Unprocessable, UnsupportedMediaType
+from appliance.state import AppState
+from appliance.types import SafeText
 from vector.errors import UnknownModel
 from vector.templates import as_matrix, from_float32_bytes
 
@@ -54,7 +54,7 @@ class BulkResult(BaseModel):
     encodings_total: int
 
 
-def _model_dim(state: Any, model: str) -> int:
+def _model_dim(state: AppState, model: str) -> int:
     spec = state.settings.models.get(model)
     if spec is None:
         raise UnknownModel(f"unknown model {model!r}; configured: {', '.join(sorted(state.settings.models))}")
@@ -78,26 +78,25 @@ async def create_encodings(
     only with a raw body, so a model named twice is refused rather than one silently winning."""
     body = await request.body()
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    with vector_errors():
-        if ctype == "application/octet-stream":
-            if not model:
-                raise Unprocessable("a raw float32 body needs ?model=")
-            vectors = from_float32_bytes(body, _model_dim(state, model))
-            if len(vectors) > MAX_PER_REQUEST:
-                raise Unprocessable(f"at most {MAX_PER_REQUEST} vectors per request")
-        elif ctype == "application/json":
-            if model is not None:
-                raise Unprocessable("model is given both in the query and in the JSON body; "
-                                    "?model= is for raw float32 bodies only")
-            try:
-                req = EncodingsCreate.model_validate_json(body, strict=True)
-            except ValidationError as exc:
-                errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:20]]
-                raise Unprocessable("the request did not validate", errors=errors) from None
-            model = req.model
-            vectors = as_matrix(req.vectors, _model_dim(state, model))
-        else:
-            raise UnsupportedMediaType("send application/json or application/octet-stream (float32 LE)")
+    if ctype == "application/octet-stream":
+        if not model:
+            raise Unprocessable("a raw float32 body needs ?model=")
+        vectors = from_float32_bytes(body, _model_dim(state, model))
+        if len(vectors) > MAX_PER_REQUEST:
+            raise Unprocessable(f"at most {MAX_PER_REQUEST} vectors per request")
+    elif ctype == "application/json":
+        if model is not None:
+            raise Unprocessable("model is given both in the query and in the JSON body; "
+                                "?model= is for raw float32 bodies only")
+        try:
+            req = EncodingsCreate.model_validate_json(body, strict=True)
+        except ValidationError as exc:
+            errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:20]]
+            raise Unprocessable("the request did not validate", errors=errors) from None
+        model = req.model
+        vectors = as_matrix(req.vectors, _model_dim(state, model))
+    else:
+        raise UnsupportedMediaType("send application/json or application/octet-stream (float32 LE)")
     rid = getattr(request.state, "request_id", None)
     enrolled = await run_in_threadpool(enrol, state, subject_id, model, vectors, key.actor, rid)
     return EncodingsCreated(encodings=[EncodingOut(encoding_id=e.encoding_id, subject_id=e.subject_id, model=e.model,
@@ -162,8 +161,3 @@ async def bulk_encodings(
         if committing is not None:
             await committing
     return BulkResult(**await run_in_threadpool(job.finish))
-
-
-def register(app: FastAPI) -> None:
-    app.include_router(router)
-    app.state.body_limits["/v1/encodings:bulk"] = app.state.settings.bulk_max_body_bytes

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -66,15 +66,3 @@ def export_subject(subject_id: uuid.UUID, request: Request, key: AdminKey, state
     return StreamingResponse(body, media_type="application/zip",
                              headers={"Content-Disposition": f'attachment; filename="subject-{subject_id}.zip"',
                                       "Cache-Control": "no-store"})
-
-
-def _resume(state: Any) -> None:
-    from appliance.gdpr.upgrade import upgrade_in_background
-
-    upgrade_in_background(state)
-    erasure.resume_in_background(state)
-
-
-def register(app: FastAPI) -> None:
-    app.include_router(router)
-    app.state.startup_hooks.append(_resume)

@@ -10,10 +10,9 @@ from fastapi import APIRouter, Depends, Request, status
 from pydantic import BaseModel, Field
 
 from appliance import auth
-from appliance.api.deps import AdminKey, StateDep
+from appliance.api.deps import AdminKey, StateDep, app_state
 from appliance.api.openapi import requires
 from appliance.audit import AuditEvent
-from appliance.audit.log import audit_log
 from appliance.auth import ApiKey, Scope
 from appliance.errors import NotFound
 
@@ -21,9 +20,9 @@ router = APIRouter(prefix="/v1", tags=["auth"])
 
 
 def any_key(request: Request) -> ApiKey:
-    key = request.app.state.appliance.api_keys.authenticate(request.headers.get("authorization"))
+    key = app_state(request).api_keys.authenticate(request.headers.get("authorization"))
     request.state.api_key = key
-    return key  # type: ignore[no-any-return]
+    return key
 
 
 class KeyInfo(BaseModel):
@@ -66,7 +65,7 @@ def list_keys(_: AdminKey, state: StateDep) -> list[KeyInfo]:
 def create_key(body: KeyCreate, caller: AdminKey, state: StateDep, request: Request) -> KeyCreated:
     with state.pool.connection() as conn, conn.transaction():
         key, token = auth.create_key(conn, body.name, sorted({s.value for s in body.scopes}))
-        audit_log(state).record(conn, AuditEvent(
+        state.audit.record(conn, AuditEvent(
             action="apikey.create", actor=caller.actor, object_id=str(key.id),
             request_id=request.state.request_id, details={"scopes": sorted(key.scopes), "name": key.name}))
     return KeyCreated(**KeyInfo.of(key).model_dump(), token=token)
@@ -77,9 +76,5 @@ def revoke_key(key_id: uuid.UUID, caller: AdminKey, state: StateDep, request: Re
     with state.pool.connection() as conn, conn.transaction():
         if auth.revoke_key(conn, str(key_id)) is None:
             raise NotFound(f"no active API key {key_id}")
-        audit_log(state).record(conn, AuditEvent(action="apikey.revoke", actor=caller.actor,
+        state.audit.record(conn, AuditEvent(action="apikey.revoke", actor=caller.actor,
                                                  object_id=str(key_id), request_id=request.state.request_id))
-
-
-def register(app) -> None:  # type: ignore[no-untyped-def]
-    app.include_router(router)

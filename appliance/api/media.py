@@ -1,6 +1,6 @@
 """Media over HTTP (scope ``media``; ``admin`` implies it): upload, streamed decrypting reads with
 Range, thumbnails, paged metadata and delete. Every call is audited in the transaction that reads
-or changes the rows. The work happens in ``media.service.MediaService`` (``state.extras["media"]``).
+or changes the rows. The work happens in ``media.service.MediaService`` (``AppState.media``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, FastAPI, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import FormData, UploadFile
@@ -19,25 +19,15 @@ from starlette.datastructures import FormData, UploadFile
 from appliance import errors
 from appliance.api.deps import MediaKey, StateDep
 from appliance.api.openapi import problems
-from appliance.api.problems import problem
-from appliance.api.state import AppState
-from appliance.api.types import IsoDatetime, SafeText
 from appliance.audit import AuditEvent
-from appliance.audit.log import audit_log
 from appliance.auth import ApiKey
-from appliance.logs import get_logger
-from appliance.settings import Settings
-from crypto.dek_cache import DekCache
-from media.errors import MediaError, StoreUnavailable
+from appliance.state import AppState
+from appliance.types import IsoDatetime, SafeText
 from media.records import AuditHook, MediaRow
-from media.retention import Retention
-from media.service import Limits, MediaService, UploadMeta
-from media.store import MediaStore
+from media.service import UploadMeta
 from media.validate import ClipCheckingReader
 
-log = get_logger(__name__)
 router = APIRouter(prefix="/v1/media", tags=["media"])
-MULTIPART_SLACK = 1024 * 1024  # boundaries and form fields around the file part
 Kind = Literal["image", "clip", "enrolment"]
 
 
@@ -104,7 +94,7 @@ async def upload_media(
     kind: Kind | None = None,
 ) -> MediaInfo:
     """Each parameter has one source: the query, or a field of a multipart form, never both (422)."""
-    service = media_service(state)
+    service = state.media
     audit = _auditor(state, key, request)
     query = {k: v for k, v in (("subject_id", subject_id), ("camera_id", camera_id), ("captured_at", captured_at),
                                ("kind", kind)) if v is not None}
@@ -144,7 +134,7 @@ def list_media(
     cursor: Annotated[SafeText | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> MediaPage:
-    rows, thumbs, next_cursor = media_service(state).list(
+    rows, thumbs, next_cursor = state.media.list(
         _auditor(state, key, request), subject_id=subject_id, camera_id=camera_id,
         start=from_, end=to, cursor=cursor, limit=limit,
     )
@@ -174,7 +164,7 @@ def download_media(
     state: StateDep,
     range_: Annotated[str | None, Header(alias="range")] = None,
 ) -> StreamingResponse:
-    dl = media_service(state).download(media_id, range_, _auditor(state, key, request))
+    dl = state.media.download(media_id, range_, _auditor(state, key, request))
     return StreamingResponse(dl.body, status_code=dl.status, media_type=dl.row.content_type, headers=dl.headers)
 
 
@@ -189,67 +179,19 @@ def download_thumbnail(
     size: Annotated[int, Query(description="Longest side in pixels: 128 or 256",
                                json_schema_extra={"enum": [128, 256]})] = 256,
 ) -> StreamingResponse:
-    dl = media_service(state).thumbnail(media_id, size, _auditor(state, key, request))
+    dl = state.media.thumbnail(media_id, size, _auditor(state, key, request))
     return StreamingResponse(dl.body, status_code=dl.status, media_type=dl.row.content_type, headers=dl.headers)
 
 
 @router.delete("/{media_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problems(409),
                summary="Delete media, its thumbnails and every stored object version")
 def delete_media(media_id: uuid.UUID, request: Request, key: MediaKey, state: StateDep) -> Response:
-    media_service(state).delete(media_id, _auditor(state, key, request))
+    state.media.delete(media_id, _auditor(state, key, request))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-# --- wiring ------------------------------------------------------------------------------------
-def media_limits(settings: Settings) -> Limits:
-    return Limits(
-        image_bytes=int(settings.media_max_image_bytes),
-        clip_bytes=int(settings.media_max_clip_bytes),
-        image_pixels=int(settings.media_max_image_pixels),
-        decode_budget=int(settings.media_decode_budget_bytes),
-        decode_wait=float(settings.media_decode_wait),
-    )
-
-
-def media_retention(settings: Settings) -> Retention:
-    return Retention(
-        image_days=settings.media_retention_image_days,
-        clip_days=settings.media_retention_clip_days,
-        enrolment_days=settings.media_retention_enrolment_days,
-    )
-
-
-def build_service(state: AppState) -> MediaService:
-    s = state.settings
-    store = MediaStore(state.s3, s.s3_bucket, int(s.media_part_size))
-    return MediaService(store, state.pool, state, media_limits(s), media_retention(s),
-                        DekCache(s.dek_cache_size, s.dek_cache_ttl))
-
-
-def media_service(state: AppState) -> MediaService:
-    found = state.extras.get("media")
-    if found is None:
-        found = state.extras["media"] = build_service(state)
-    return found  # type: ignore[no-any-return]
-
-
-def _start(state: AppState) -> None:
-    """Create the versioned bucket now if S3 answers; otherwise the first upload retries it."""
-    service = media_service(state)
-    try:
-        service.ensure_bucket()
-    except StoreUnavailable as exc:
-        log.warning("media_bucket_not_ready", error=str(exc))
-
-
-def _stop(state: AppState) -> None:
-    service = state.extras.get("media")
-    if service is not None:
-        service.close()
-
-
 def _auditor(state: AppState, key: ApiKey, request: Request) -> AuditHook:
-    trail = audit_log(state)
+    trail = state.audit
     request_id = getattr(request.state, "request_id", None)
 
     def record(conn: Any, action: str, subject_id: uuid.UUID | None, object_id: str | None,
@@ -320,31 +262,3 @@ class _BodyReader:
         else:
             out, self._buf = self._buf[:n], self._buf[n:]
         return out
-
-
-_STATUS_ERRORS = {cls.status: cls for cls in (
-    errors.NotFound, errors.Conflict, errors.Gone, errors.PayloadTooLarge, errors.UnsupportedMediaType,
-    errors.Unprocessable, errors.DependencyUnavailable,
-)}
-
-
-async def _media_problem(request: Request, exc: Exception) -> Response:
-    """Map ``media.errors`` onto the appliance's problem types (same titles and slugs as appliance.errors)."""
-    code = getattr(exc, "status", 500)
-    if code == 416:
-        return problem(416, "Range not satisfiable", str(exc), "range-not-satisfiable", request)
-    cls = _STATUS_ERRORS.get(code)
-    if cls is None:
-        log.error("media_error", error=type(exc).__name__, detail=str(exc))
-        return problem(500, "Internal error", "media could not be processed; see the request id in logs",
-                       "internal", request)
-    return problem(cls.status, cls.title, str(exc), cls.type_slug, request)
-
-
-def register(app: FastAPI) -> None:
-    settings = app.state.settings
-    app.include_router(router)
-    app.add_exception_handler(MediaError, _media_problem)
-    app.state.startup_hooks.append(_start)
-    app.state.shutdown_hooks.append(_stop)
-    app.state.body_limits["/v1/media"] = media_limits(settings).largest + MULTIPART_SLACK

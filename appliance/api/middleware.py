@@ -1,23 +1,29 @@
-"""A plain ASGI middleware (cheaper than BaseHTTPMiddleware on the hot path) for request ids,
-per-route latency metrics, access logs and the request body cap."""
+"""Plain ASGI middlewares (cheaper than BaseHTTPMiddleware on the hot path), one concern each; every
+request passes through both:
+
+- ``RequestContext``: the request id, the request body cap (413), per-route metrics and the access log;
+- ``DenialAudit``: every 401 and 403 counted for the audit trail (aggregated: ``appliance.audit.denied``).
+"""
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 import structlog
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.api.problems import problem_document
+from appliance.api.deps import state_of
+from appliance.api.problems import problem_of
+from appliance.errors import PayloadTooLarge
 from appliance.logs import get_logger
 
 log = get_logger("appliance.access")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,64}$")
+SLOW_SECONDS = 0.05  # a quiet route slower than this is logged anyway: the camera pipelines' budget
 
 REQUESTS = Counter("appliance_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram(
@@ -26,6 +32,7 @@ LATENCY = Histogram(
     ["method", "route"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+_METRIC_CHILDREN_MAX = 1024  # (method, route, status) triples kept resolved; methods come from clients
 
 
 class BodyTooLarge(Exception):
@@ -33,17 +40,25 @@ class BodyTooLarge(Exception):
 
 
 class RequestContext:
+    """Request id (the caller's ``X-Request-Id`` if well formed), body cap, metrics, access log.
+
+    ``quiet_paths`` are never access-logged; ``quiet_success_paths`` only when they fail or are slow
+    (each match is in the audit log already)."""
+
     def __init__(
         self,
         app: ASGIApp,
         max_body_bytes: int,
         body_limits: dict[str, int] | None = None,
         quiet_paths: tuple[str, ...] = (),
+        quiet_success_paths: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.body_limits = sorted((body_limits or {}).items(), key=lambda kv: -len(kv[0]))
         self.quiet = quiet_paths
+        self.quiet_success = quiet_success_paths
+        self._metrics: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def limit_for(self, path: str) -> int:
         for prefix, limit in self.body_limits:
@@ -55,18 +70,22 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")
-        if not REQUEST_ID_RE.match(rid):
-            rid = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        structlog.contextvars.bind_contextvars(request_id=rid)
+        rid = declared = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                rid = value
+            elif name == b"content-length":
+                declared = value
+        rid_text = rid.decode("latin-1") if rid is not None else ""
+        if not REQUEST_ID_RE.match(rid_text):
+            rid_text = os.urandom(16).hex()  # the shape of uuid4().hex, a third of the cost
+        scope.setdefault("state", {})["request_id"] = rid_text
+        structlog.contextvars.bind_contextvars(request_id=rid_text)
         start = time.perf_counter()
         status = 500
         limit = self.limit_for(scope["path"])
-        declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await _too_large(scope, send, rid, limit)
+            await _too_large(scope, send, rid_text, limit)
             self._record(scope, 413, start)
             return
         seen = 0
@@ -80,18 +99,20 @@ class RequestContext:
                     raise BodyTooLarge
             return message
 
+        rid_header = (b"x-request-id", rid_text.encode())
+
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+                message.setdefault("headers", []).append(rid_header)
             await send(message)
 
         try:
             await self.app(scope, receive_capped, send_wrapper)
         except BodyTooLarge:
             status = 413
-            await _too_large(scope, send, rid, limit)
+            await _too_large(scope, send, rid_text, limit)
         finally:
             self._record(scope, status, start)
 
@@ -99,18 +120,25 @@ class RequestContext:
         elapsed = time.perf_counter() - start
         route = _route(scope)
         method = scope["method"]
-        REQUESTS.labels(method, route, str(status)).inc()
-        LATENCY.labels(method, route).observe(elapsed)
-        if scope["path"] not in self.quiet:
+        metrics = self._metrics.get((method, route, status))
+        if metrics is None:
+            metrics = (REQUESTS.labels(method, route, str(status)), LATENCY.labels(method, route))
+            if len(self._metrics) < _METRIC_CHILDREN_MAX:
+                self._metrics[(method, route, status)] = metrics
+        metrics[0].inc()
+        metrics[1].observe(elapsed)
+        path = scope["path"]
+        if path not in self.quiet and (status != 200 or elapsed > SLOW_SECONDS or path not in self.quiet_success):
             log.info("request", method=method, route=route, status=status, ms=round(elapsed * 1000, 3))
         structlog.contextvars.unbind_contextvars("request_id")
 
 
 async def _too_large(scope: Scope, send: Send, rid: str, limit: int) -> None:
-    body = json.dumps(problem_document(413, "Payload too large", f"request body exceeds {limit} bytes",
-                                       "payload-too-large", scope["path"], rid)).encode()
-    await send({"type": "http.response.start", "status": 413, "headers": [
-        (b"content-type", b"application/problem+json"),
+    """413 without reading the rest of the body, so the connection closes."""
+    problem = problem_of(PayloadTooLarge(f"request body exceeds {limit} bytes"), scope["path"])
+    body = problem.body(scope["path"], rid)
+    await send({"type": "http.response.start", "status": problem.status, "headers": [
+        *problem.header_list(),
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", rid.encode()),
         (b"connection", b"close"),
@@ -118,7 +146,30 @@ async def _too_large(scope: Scope, send: Send, rid: str, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _route(scope: dict[str, Any]) -> str:
+def _route(scope: Scope) -> str:
     """The route template (``/v1/subjects/{subject_id}``), never the raw path: bounded label set."""
     route = scope.get("route")
     return getattr(route, "path", "unmatched")
+
+
+class DenialAudit:
+    """Every 401 and 403, wherever raised, counted for the audit trail (aggregated: ``appliance.audit.denied``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in (401, 403):
+                state = state_of(scope["app"])
+                if state is not None:
+                    auth = dict(scope["headers"]).get(b"authorization")
+                    state.audit.deny(scope["method"], _route(scope), message["status"],
+                                     None if auth is None else auth.decode("latin-1"), state.api_keys)
+            await send(message)
+
+        await self.app(scope, receive, watched)

@@ -3,7 +3,7 @@
 FastAPI derives paths, parameters, bodies and success responses from the routes. What it cannot
 see is added here, by rule, for every operation:
 
-- the scope each operation needs, for a route that authenticates inline (the match doors, bulk
+- the scope each operation needs, for a route that authenticates inline (the match routes, bulk
   enrolment) and so declares ``requires(scope)``; FastAPI itself lists the bearer scheme and scope
   of every route that depends on ``authorized(scope)`` (``appliance.api.deps``);
 - the error responses, always ``application/problem+json`` (RFC 9457, one ``Problem`` schema):

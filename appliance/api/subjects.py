@@ -11,15 +11,16 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import APIRouter, FastAPI, Query, Request, status
+from fastapi import APIRouter, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.api.deps import EnrollKey, StateDep
 from appliance.api.openapi import problems
-from appliance.api.types import SafeText
 from appliance.audit import AuditEvent
 from appliance.enrolment import external_ref_aad, label_aad
 from appliance.errors import Conflict, Gone, NotFound
+from appliance.state import AppState
+from appliance.types import SafeText
 from crypto.seal import open_sealed, seal
 
 router = APIRouter(prefix="/v1", tags=["subjects"])
@@ -54,11 +55,9 @@ class SubjectPage(BaseModel):
     next_after: uuid.UUID | None = Field(description="Pass as `after` for the next page; null at the end.")
 
 
-def _audit(state: Any, conn: psycopg.Connection, action: str, request: Request, subject_id: uuid.UUID | None,
+def _audit(state: AppState, conn: psycopg.Connection, action: str, request: Request, subject_id: uuid.UUID | None,
            **details: Any) -> None:
-    from appliance.audit.log import audit_log
-
-    audit_log(state).record(conn, AuditEvent(
+    state.audit.record(conn, AuditEvent(
         action, request.state.api_key.actor, subject_id=subject_id,
         request_id=getattr(request.state, "request_id", None), details=details,
     ))
@@ -69,7 +68,7 @@ _SELECT = """SELECT s.id, s.external_ref, s.label_sealed, s.state, s.created_at,
              FROM subjects s"""
 
 
-def _subject(state: Any, conn: psycopg.Connection, row: tuple[Any, ...], with_label: bool) -> Subject:
+def _subject(state: AppState, conn: psycopg.Connection, row: tuple[Any, ...], with_label: bool) -> Subject:
     """Open the sealed label (when asked) and external reference; an erased subject has neither."""
     label = None
     ref = row[1]  # plaintext only on rows the 0008 upgrade has not reached yet
@@ -163,7 +162,3 @@ def patch_subject(subject_id: uuid.UUID, body: SubjectPatch, request: Request, _
         _audit(state, conn, "subject.update", request, subject_id, label_set=body.label is not None)
         found = conn.execute(_SELECT + " WHERE s.id = %s", (subject_id,)).fetchone()
         return _subject(state, conn, found, with_label=True)
-
-
-def register(app: FastAPI) -> None:
-    app.include_router(router)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from crypto.providers.base import KeyProvider
 
-__all__ = ["AuditLog", "audit_log", "record_event"]
+__all__ = ["AuditLog", "record_event"]
 log = get_logger(__name__)
 QUEUE_DEPTH = Gauge("appliance_audit_queue_depth", "Audit events queued and not yet committed")
 
@@ -180,20 +180,5 @@ class AuditLog:
             conn.commit()
 
 
-_LOCK = threading.Lock()
 _LOGS: weakref.WeakSet[AuditLog] = weakref.WeakSet()
 QUEUE_DEPTH.set_function(lambda: float(sum(a.queue_depth for a in list(_LOGS))))  # read at scrape time
-
-
-def audit_log(state: Any) -> AuditLog:
-    """The process's AuditLog from ``state.extras["audit"]``, created on first use if no hook ran."""
-    found = state.extras.get("audit")
-    if found is None:
-        with _LOCK:
-            found = state.extras.get("audit")
-            if found is None:
-                s = state.settings
-                found = state.extras["audit"] = AuditLog(
-                    state.pool, keys=lambda: state.keys, queue_size=s.audit_queue_size, batch_max=s.audit_batch_max,
-                    flush_interval=s.audit_flush_interval, checkpoint_interval=s.audit_checkpoint_interval)
-    return found  # type: ignore[no-any-return]

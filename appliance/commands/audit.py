@@ -27,16 +27,15 @@ def export(
     from appliance import clients
     from appliance.audit.cli_support import record_cli_event
     from appliance.audit.export import ExportError, ExportFilter, export_lines
-    from appliance.cli import _fail, _settings
+    from appliance.commands.context import fail, load_settings
 
     if fmt not in ("jsonl", "csv"):
-        _fail("--format must be jsonl or csv", 2)
-    settings = _settings()
+        fail("--format must be jsonl or csv", 2)
+    settings = load_settings()
     try:
         flt = ExportFilter.build(from_, to, subject_id, action)
     except ExportError as exc:
-        _fail(str(exc), 2)
-        return
+        fail(str(exc), 2)
     keys = clients.key_provider(settings)
     try:
         record_cli_event(settings, "audit.export", subject_id=flt.subject_id,
@@ -111,9 +110,9 @@ def checkpoint() -> None:
 
     from appliance import clients
     from appliance.audit.checkpoints import write_checkpoints
-    from appliance.cli import _settings
+    from appliance.commands.context import load_settings
 
-    settings = _settings()
+    settings = load_settings()
     keys = clients.key_provider(settings)
     try:
         with psycopg.connect(settings.database_url.get_secret_value()) as conn:
@@ -130,12 +129,12 @@ def retention(
     """Drop whole monthly partitions past retention (match events, other records), with signed anchors."""
     from appliance import clients
     from appliance.audit.retention import RetentionPolicy, sweep
-    from appliance.cli import _fail, _settings
+    from appliance.commands.context import fail, load_settings
     from appliance.db.pool import admin_dsn
 
-    settings = _settings()
+    settings = load_settings()
     if settings.database_admin_url is None:
-        _fail("retention needs the owner role: set database_admin_url", 2)
+        fail("retention needs the owner role: set database_admin_url", 2)
     keys = clients.key_provider(settings)
     try:
         result = sweep(admin_dsn(settings), keys, RetentionPolicy.from_settings(settings), dry_run=dry_run)

@@ -16,10 +16,10 @@ def create() -> None:
     """Dump the database, seal it under a KEK-wrapped key and upload it (the nightly timer runs this)."""
     from appliance import clients
     from appliance.backup import create_backup
-    from appliance.cli import _settings
+    from appliance.commands.context import load_settings
     from appliance.db.pool import admin_dsn
 
-    settings = _settings()
+    settings = load_settings()
     info = create_backup(admin_dsn(settings), clients.s3_client(settings), settings.s3_backup_bucket,
                          clients.key_provider(settings))
     record_cli_event(settings, "backup.create", object_id=info.key)
@@ -31,9 +31,9 @@ def list_() -> None:
     """List stored backups, oldest first."""
     from appliance import clients
     from appliance.backup import list_backups
-    from appliance.cli import _settings
+    from appliance.commands.context import load_settings
 
-    settings = _settings()
+    settings = load_settings()
     for b in list_backups(clients.s3_client(settings), settings.s3_backup_bucket):
         typer.echo(f"{b.key}  {b.size:>12} bytes  {b.created:%Y-%m-%d %H:%M:%S}")
 
@@ -45,10 +45,10 @@ def restore(
     """Restore into the configured database, which must be empty (a fresh install)."""
     from appliance import clients
     from appliance.backup import BackupError, restore_backup
-    from appliance.cli import _settings
+    from appliance.commands.context import load_settings
     from appliance.db.pool import admin_dsn
 
-    settings = _settings()
+    settings = load_settings()
     try:
         restored = restore_backup(admin_dsn(settings), clients.s3_client(settings), settings.s3_backup_bucket,
                                   clients.key_provider(settings), key)

@@ -16,10 +16,10 @@ app = typer.Typer(no_args_is_help=True, help="KEK, signing key and template-key 
 
 def _context():  # type: ignore[no-untyped-def]
     from appliance import clients
-    from appliance.cli import _settings
+    from appliance.commands.context import load_settings
     from appliance.db.pool import admin_dsn
 
-    settings = _settings()
+    settings = load_settings()
     return settings, admin_dsn(settings), clients.key_provider(settings)
 
 
@@ -118,12 +118,12 @@ def rotate_template(
 ) -> None:
     """New template-key version for MODEL: re-protect every template from its sealed raw vector
     (batched, resumable — just run it again after a crash), then swap every worker's index atomically."""
-    from appliance.api.state import AppState
     from appliance.audit.cli_support import cli_actor
-    from appliance.cli import _settings
+    from appliance.commands.context import load_settings
     from appliance.index_admin import rotate_template_key
+    from appliance.state import AppState
 
-    settings = _settings()
+    settings = load_settings()
     if model not in settings.models:
         typer.secho(f"unknown model {model!r}; configured: {', '.join(settings.models)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
@@ -147,11 +147,11 @@ def rotate_template(
 def upgrade_legacy_cmd() -> None:
     """Move subjects stored before owner keys: re-wrap each DEK under the subject's own key and seal
     plaintext external references (the API also does this in the background at start). Idempotent."""
-    from appliance.api.state import AppState
-    from appliance.cli import _settings
+    from appliance.commands.context import load_settings
     from appliance.gdpr.upgrade import upgrade_legacy
+    from appliance.state import AppState
 
-    settings = _settings()
+    settings = load_settings()
     state = AppState.build(settings)
     try:
         moved = upgrade_legacy(state)

@@ -28,13 +28,13 @@ def sweep(
     from appliance.audit import AuditEvent
     from appliance.audit.cli_support import cli_actor, record_cli_event
     from appliance.audit.log import record_event
-    from appliance.cli import _settings
+    from appliance.commands.context import load_settings
     from appliance.db.pool import open_pool
     from media import retention
     from media.errors import StoreUnavailable
     from media.store import MediaStore
 
-    settings = _settings()
+    settings = load_settings()
     actor = cli_actor()
     store = MediaStore(clients.s3_client(settings), settings.s3_bucket)
 
@@ -66,9 +66,9 @@ def sweep(
 
 def _rekey_after_erasures(settings: Any, actor: str) -> None:
     """Re-key templates of models with erasures since their last re-key, then destroy the old seeds."""
-    from appliance.api.state import AppState
     from appliance.errors import Conflict
     from appliance.index_admin import models_to_rekey, rotate_template_key
+    from appliance.state import AppState
 
     state = AppState.build(settings)
     try:

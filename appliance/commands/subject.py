@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from appliance.state import AppState
 
 app = typer.Typer(no_args_is_help=True, help="GDPR: erase or export one subject.")
 
 
-def _state():  # type: ignore[no-untyped-def]
-    from appliance.api.state import AppState
-    from appliance.cli import _settings
+def _state() -> AppState:
+    from appliance.commands.context import load_settings
+    from appliance.state import AppState
 
-    return AppState.build(_settings())
+    return AppState.build(load_settings())
 
 
 @app.command()
@@ -33,9 +36,6 @@ def erase(
     try:
         job_id = erasure.start_erasure(state, subject_id, cli_actor(), None)
         job = erasure.run_erasure(state, job_id)
-        audit = state.extras.get("audit")
-        if audit is not None:
-            audit.stop(checkpoint=False)
     except ApplianceError as exc:
         typer.secho(f"erasure failed: {exc.detail}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc

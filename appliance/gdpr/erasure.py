@@ -37,11 +37,11 @@ from psycopg.types.json import Jsonb
 
 from appliance.audit import AuditEvent
 from appliance.audit.chain import ts_text
-from appliance.audit.log import audit_log
 from appliance.errors import Conflict
 from appliance.gdpr import EXPORT_LOCK, ErasureInterrupted, ErasureNotFound, SubjectNotFound
 from appliance.gdpr.receipts import RECEIPT_TYPE, sign_receipt
 from appliance.logs import get_logger
+from appliance.state import AppState
 from appliance.subject_keys import owner_name
 
 log = get_logger(__name__)
@@ -75,7 +75,7 @@ def _now() -> str:
 # --- starting and reading jobs ----------------------------------------------------------------------------
 
 
-def start_erasure(state: Any, subject_id: uuid.UUID, actor: str, request_id: str | None) -> uuid.UUID:
+def start_erasure(state: AppState, subject_id: uuid.UUID, actor: str, request_id: str | None) -> uuid.UUID:
     """Create the job for this subject (or return the existing one: erasure is idempotent)."""
     with state.pool.connection() as conn, conn.transaction():
         if conn.execute("SELECT 1 FROM subjects WHERE id = %s", (subject_id,)).fetchone() is None:
@@ -88,7 +88,7 @@ def start_erasure(state: Any, subject_id: uuid.UUID, actor: str, request_id: str
         ).fetchone()
         if created is None:
             return conn.execute("SELECT id FROM erasure_jobs WHERE subject_id = %s", (subject_id,)).fetchone()[0]
-        audit_log(state).record(conn, AuditEvent("subject.erase.request", actor, subject_id=subject_id,
+        state.audit.record(conn, AuditEvent("subject.erase.request", actor, subject_id=subject_id,
                                                  object_id=str(job_id), request_id=request_id))
     return job_id
 
@@ -107,7 +107,7 @@ def get_job(conn: psycopg.Connection[Any], job_id: uuid.UUID) -> dict[str, Any]:
     return job
 
 
-def job_status(state: Any, job_id: uuid.UUID) -> dict[str, Any]:
+def job_status(state: AppState, job_id: uuid.UUID) -> dict[str, Any]:
     with state.pool.connection() as conn:
         return get_job(conn, job_id)
 
@@ -115,7 +115,7 @@ def job_status(state: Any, job_id: uuid.UUID) -> dict[str, Any]:
 # --- running ---------------------------------------------------------------------------------------------
 
 
-def run_erasure(state: Any, job_id: uuid.UUID, wait: float = 60.0) -> dict[str, Any]:
+def run_erasure(state: AppState, job_id: uuid.UUID, wait: float = 60.0) -> dict[str, Any]:
     """Run (or resume) the job to the end; returns the job with its receipt. Idempotent."""
     with state.pool.connection() as lock_conn:
         lock_conn.autocommit = True
@@ -132,7 +132,7 @@ def run_erasure(state: Any, job_id: uuid.UUID, wait: float = 60.0) -> dict[str, 
             lock_conn.autocommit = False
 
 
-def _run_locked(state: Any, job_id: uuid.UUID) -> dict[str, Any]:
+def _run_locked(state: AppState, job_id: uuid.UUID) -> dict[str, Any]:
     with state.pool.connection() as conn, conn.transaction():
         job = get_job(conn, job_id)
         if job["state"] == "done":
@@ -158,7 +158,7 @@ def _run_locked(state: Any, job_id: uuid.UUID) -> dict[str, Any]:
         return get_job(conn, job_id)
 
 
-def _failed(state: Any, job_id: uuid.UUID, step: str, exc: BaseException) -> None:
+def _failed(state: AppState, job_id: uuid.UUID, step: str, exc: BaseException) -> None:
     log.warning("erasure: step failed", job_id=str(job_id), step=step, error=type(exc).__name__)
     try:
         with state.pool.connection() as conn, conn.transaction():
@@ -181,20 +181,20 @@ def _complete(conn: psycopg.Connection[Any], job: dict[str, Any], progress: dict
                  (step, Jsonb(progress), job["id"]))
 
 
-def _mark_erasing(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+def _mark_erasing(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> None:
     sid = job["subject_id"]
     with state.pool.connection() as conn, conn.transaction():
         conn.execute(
             """UPDATE subjects SET state = 'erasing', label_sealed = NULL, external_ref = NULL,
                       external_ref_hash = NULL, external_ref_sealed = NULL, updated_at = now()
                WHERE id = %s AND state <> 'erased'""", (sid,))
-        audit_log(state).record(conn, AuditEvent("subject.erase.start", progress.get("actor", "system:erasure"),
+        state.audit.record(conn, AuditEvent("subject.erase.start", progress.get("actor", "system:erasure"),
                                                  subject_id=sid, object_id=str(job["id"]),
                                                  request_id=job["request_id"]))
         _complete(conn, job, progress, "mark_erasing")
 
 
-def _tombstone(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+def _tombstone(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> None:
     from appliance.index_admin import tombstone_subject
 
     labels = sorted(tombstone_subject(state, job["subject_id"]))
@@ -202,7 +202,7 @@ def _tombstone(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> Non
         _complete(conn, job, progress, "tombstone", labels=labels)
 
 
-def _delete_data(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+def _delete_data(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> None:
     from media.retention import delete_subject_media
 
     sid = job["subject_id"]
@@ -216,13 +216,13 @@ def _delete_data(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> N
         media_rows = conn.execute("SELECT count(*) FROM media WHERE subject_id = %s", (sid,)).fetchone()[0]
         versions = dict(conn.execute("SELECT model, max(template_version) FROM encodings WHERE subject_id = %s "
                                      "GROUP BY model", (sid,)).fetchall())
-        object_keys = sorted(delete_subject_media(state, conn, sid))
+        object_keys = sorted(delete_subject_media(state.media.store, conn, sid))
         encodings = conn.execute("DELETE FROM encodings WHERE subject_id = %s RETURNING id", (sid,)).fetchall()
         _complete(conn, job, progress, "delete_data", encodings=len(encodings), media_rows=int(media_rows),
                   object_keys=object_keys, template_versions=progress.get("template_versions") or versions)
 
 
-def _purge_index(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+def _purge_index(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> None:
     from appliance.index_admin import purge_labels
 
     purge_labels(state, list(progress.get("labels", [])))
@@ -230,7 +230,7 @@ def _purge_index(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> N
         _complete(conn, job, progress, "purge_index")
 
 
-def _shred_key(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+def _shred_key(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> None:
     """Destroy the owner key first, then the row: a crash in between resumes here and destroys again (a no-op)."""
     sid = job["subject_id"]
     with state.pool.connection() as conn:
@@ -253,7 +253,7 @@ def _shred_key(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> Non
         _complete(conn, job, progress, "shred_key", **facts)
 
 
-def _record_ledger(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+def _record_ledger(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> None:
     """Backups taken before this erasure still hold the wrapped key: the ledger makes restores re-erase."""
     from appliance.backup import record_erasure
 
@@ -262,13 +262,13 @@ def _record_ledger(state: Any, job: dict[str, Any], progress: dict[str, Any]) ->
         _complete(conn, job, progress, "record_ledger", ledger_object=key)
 
 
-def _evict_keys(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+def _evict_keys(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> None:
     state.subject_keys.evict(job["subject_id"])
     with state.pool.connection() as conn, conn.transaction():
         _complete(conn, job, progress, "evict_keys")
 
 
-def _vacuum(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+def _vacuum(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> None:
     admin = state.settings.database_admin_url
     vacuumed: list[str] = []
     if admin is not None:
@@ -293,7 +293,7 @@ def _vacuum(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
         _complete(conn, job, progress, "vacuum", vacuumed=vacuumed)
 
 
-def _mark_erased(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+def _mark_erased(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> None:
     with state.pool.connection() as conn, conn.transaction():
         row = conn.execute(
             """UPDATE subjects SET state = 'erased', label_sealed = NULL, external_ref = NULL,
@@ -367,7 +367,7 @@ def build_receipt(job: dict[str, Any], progress: dict[str, Any]) -> dict[str, An
     }
 
 
-def _receipt(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
+def _receipt(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> None:
     receipt, signature = sign_receipt(state.keys, build_receipt(job, progress))
     with state.pool.connection() as conn, conn.transaction():
         progress["steps"]["receipt"] = receipt["erased_at"]  # fixed: re-signing yields the same receipt
@@ -376,14 +376,14 @@ def _receipt(state: Any, job: dict[str, Any], progress: dict[str, Any]) -> None:
                       receipt_signature = %s, finished_at = now(), updated_at = now() WHERE id = %s""",
             (Jsonb(progress), Jsonb(receipt), bytes.fromhex(signature), job["id"]))
         destroyed = receipt["destroyed"]
-        audit_log(state).record(conn, AuditEvent(
+        state.audit.record(conn, AuditEvent(
             "subject.erase", progress.get("actor", "system:erasure"), subject_id=job["subject_id"],
             object_id=str(job["id"]), request_id=job["request_id"],
             details={"encodings": destroyed["encodings"], "media_rows": destroyed["media_rows"],
                      "objects": len(destroyed["object_keys"]), "key_id": destroyed["subject_key_id"]}))
 
 
-_STEP_FUNCS: dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], None]] = {
+_STEP_FUNCS: dict[str, Callable[[AppState, dict[str, Any], dict[str, Any]], None]] = {
     "mark_erasing": _mark_erasing,
     "tombstone": _tombstone,
     "delete_data": _delete_data,
@@ -397,7 +397,7 @@ _STEP_FUNCS: dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], None]] = 
 }
 
 
-def resume_unfinished(state: Any) -> int:
+def resume_unfinished(state: AppState) -> int:
     """Finish every job a crash or an outage left behind (startup hook, in a background thread)."""
     with state.pool.connection() as conn:
         ids = [r[0] for r in conn.execute("SELECT id FROM erasure_jobs WHERE state <> 'done' ORDER BY created_at")]
@@ -411,7 +411,7 @@ def resume_unfinished(state: Any) -> int:
     return finished
 
 
-def resume_in_background(state: Any) -> threading.Thread:
+def resume_in_background(state: AppState) -> threading.Thread:
     thread = threading.Thread(target=resume_unfinished, args=(state,), name="erasure-resume", daemon=True)
     thread.start()
     return thread

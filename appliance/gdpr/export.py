@@ -25,9 +25,9 @@ from appliance.audit import AuditEvent
 from appliance.audit.chain import canonical_json, ts_text
 from appliance.audit.checkpoints import provider_key_id
 from appliance.audit.export import records_of
-from appliance.audit.log import audit_log
 from appliance.errors import Conflict
 from appliance.gdpr import EXPORT_LOCK, SubjectNotFound
+from appliance.state import AppState
 
 MANIFEST_TYPE = "appliance-subject-export"
 _EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "video/mp4": "mp4", "video/webm": "webm"}
@@ -51,12 +51,12 @@ class _Sink:
         return out
 
 
-def _subject_dek(state: Any, conn: Any, subject_id: uuid.UUID) -> bytes | None:
+def _subject_dek(state: AppState, conn: Any, subject_id: uuid.UUID) -> bytes | None:
     key = state.subject_keys.get(conn, subject_id, missing_ok=True)
-    return None if key is None else key.dek  # type: ignore[no-any-return]
+    return None if key is None else key.dek
 
 
-def access_archive(state: Any, subject_id: uuid.UUID, actor: str, request_id: str | None) -> Iterator[bytes]:
+def access_archive(state: AppState, subject_id: uuid.UUID, actor: str, request_id: str | None) -> Iterator[bytes]:
     """Check, audit and gather (raising before any byte is sent), then return the zip stream.
 
     The subject's export lock is held until the stream ends, so an erasure waits for it (or answers
@@ -78,7 +78,7 @@ def access_archive(state: Any, subject_id: uuid.UUID, actor: str, request_id: st
     return stream()
 
 
-def _hold_export_lock(state: Any, subject_id: uuid.UUID) -> Any:
+def _hold_export_lock(state: AppState, subject_id: uuid.UUID) -> Any:
     """A pooled connection holding the subject's export lock (shared) until the zip is streamed."""
     conn = state.pool.getconn()
     try:
@@ -94,7 +94,7 @@ def _hold_export_lock(state: Any, subject_id: uuid.UUID) -> Any:
     return conn
 
 
-def _release(state: Any, conn: Any) -> None:
+def _release(state: AppState, conn: Any) -> None:
     try:
         conn.execute("SELECT pg_advisory_unlock_all()")
         conn.autocommit = False
@@ -103,7 +103,7 @@ def _release(state: Any, conn: Any) -> None:
     state.pool.putconn(conn)
 
 
-def _gather(state: Any, conn: Any, subject_id: uuid.UUID, actor: str,
+def _gather(state: AppState, conn: Any, subject_id: uuid.UUID, actor: str,
             request_id: str | None) -> tuple[Any, dict[str, Any], list[dict[str, Any]], list[Any], bytes | None]:
     """Check, audit and read everything (raising before any byte is sent)."""
     from appliance.enrolment import encoding_aad, external_ref_aad, label_aad
@@ -130,7 +130,7 @@ def _gather(state: Any, conn: Any, subject_id: uuid.UUID, actor: str,
                           "vector": np.frombuffer(raw, "<f4").astype(float).tolist()})
     media = cur.execute("SELECT * FROM media WHERE subject_id = %s ORDER BY created_at, id",
                         (subject_id,)).fetchall()
-    audit_log(state).record(conn, AuditEvent(
+    state.audit.record(conn, AuditEvent(
         "subject.export", actor, subject_id=subject_id, request_id=request_id,
         details={"encodings": len(encodings), "media": len(media)}))
     meta = {
@@ -141,7 +141,7 @@ def _gather(state: Any, conn: Any, subject_id: uuid.UUID, actor: str,
     return subject, meta, encodings, media, dek
 
 
-def _stream(state: Any, subject_id: uuid.UUID, meta: dict[str, Any], encodings: list[dict[str, Any]],
+def _stream(state: AppState, subject_id: uuid.UUID, meta: dict[str, Any], encodings: list[dict[str, Any]],
             media: list[dict[str, Any]], dek: bytes | None) -> Iterator[bytes]:
     sink = _Sink()
     files: dict[str, str] = {}
@@ -182,10 +182,10 @@ def _stream(state: Any, subject_id: uuid.UUID, meta: dict[str, Any], encodings: 
     yield sink.take()
 
 
-def _open_media(state: Any, row: dict[str, Any], subject_dek: bytes | None) -> Iterator[bytes]:
+def _open_media(state: AppState, row: dict[str, Any], subject_dek: bytes | None) -> Iterator[bytes]:
     from crypto.stream import open_stream
     from media.crypt import media_aad, wrap_context
-    from media.store import MediaStore, read_sealed
+    from media.store import read_sealed
 
     if row["wrapped_dek"] is None:
         dek = subject_dek
@@ -193,13 +193,12 @@ def _open_media(state: Any, row: dict[str, Any], subject_dek: bytes | None) -> I
         dek = state.keys.unwrap(bytes(row["wrapped_dek"]), wrap_context(row["id"]))
     if dek is None:
         return
-    service = state.extras.get("media")
-    store = service.store if service is not None else MediaStore(state.s3, state.settings.s3_bucket)
+    store = state.media.store
     inline = None if row["sealed"] is None else bytes(row["sealed"])  # thumbnails live in their rows
     yield from open_stream(dek, read_sealed(store, row["object_key"], inline), media_aad(row["id"], row["kind"]))
 
 
-def _audit_history(state: Any, subject_id: uuid.UUID) -> Iterator[bytes]:
+def _audit_history(state: AppState, subject_id: uuid.UUID) -> Iterator[bytes]:
     """Every record naming the subject: its own rows, and its records inside match blocks."""
     wanted = str(subject_id)
     with state.pool.connection() as conn:

@@ -9,17 +9,17 @@ which docs/security says, and which the receipt of an erasure of such a subject 
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 from appliance.enrolment import external_ref_aad
 from appliance.logs import get_logger
+from appliance.state import AppState
 from appliance.subject_keys import upgrade_legacy_keys
 from crypto.seal import seal
 
 log = get_logger(__name__)
 
 
-def upgrade_external_refs(state: Any, batch: int = 500) -> int:
+def upgrade_external_refs(state: AppState, batch: int = 500) -> int:
     """Seal each plaintext ``external_ref`` with its subject's DEK and index it by its keyed hash."""
     moved = 0
     with state.pool.connection() as conn:
@@ -40,7 +40,7 @@ def upgrade_external_refs(state: Any, batch: int = 500) -> int:
                 moved += len(rows)
 
 
-def upgrade_legacy(state: Any) -> dict[str, int]:
+def upgrade_legacy(state: AppState) -> dict[str, int]:
     with state.pool.connection() as conn:
         keys = upgrade_legacy_keys(conn, state.keys)
     refs = upgrade_external_refs(state)
@@ -49,7 +49,7 @@ def upgrade_legacy(state: Any) -> dict[str, int]:
     return {"subject_keys": keys, "external_refs": refs}
 
 
-def upgrade_in_background(state: Any) -> threading.Thread:
+def upgrade_in_background(state: AppState) -> threading.Thread:
     def run() -> None:
         try:
             upgrade_legacy(state)

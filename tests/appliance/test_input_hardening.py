@@ -1,13 +1,13 @@
 """Issue 17's probe findings, each a test against the real stack: bad input is a 422 problem document
-(never a 500, never stored), vectors must normalise in float32, replies never carry inf/NaN, the fast
-match door is as strict as its schema, clips are parsed, each parameter has one source, times are ISO."""
+(never a 500, never stored), vectors must normalise in float32, replies never carry inf/NaN, match is as
+strict as its schema, clips are parsed, each parameter has one source, times are ISO."""
 
 from __future__ import annotations
 
 import json
 import random
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,13 +22,12 @@ from vector.matcher import search_candidates
 
 PROBLEM = "application/problem+json"
 GOOD = [0.1] * DIM
-FAST_KEYS = [("POST", "/v1/match"), ("POST", "/v1/match:batch")]
 FAKE_CLIP = (16).to_bytes(4, "big") + b"ftypmp42" + b"\x00" * 4 + random.Random(3).randbytes(64 * 1024)
 
 
 @pytest.fixture(scope="module")
 def ready(client):  # type: ignore[no-untyped-def]
-    service = client.app.state.appliance.extras["matcher"]
+    service = client.app.state.appliance.matcher
     assert service.wait_ready(120), service.last_error
     return client
 
@@ -63,17 +62,6 @@ def assert_problem(r: Any, status: int = 422) -> dict[str, Any]:
     return strict_json(r.text)  # type: ignore[no-any-return]
 
 
-def both_doors(client: Any, send: Callable[[], Any]) -> list[Any]:
-    """``send()`` through the fast match door, then again through the routed one."""
-    fast = send()
-    table = client.app.state.fast_routes
-    saved = {k: table.pop(k) for k in FAST_KEYS}
-    try:
-        return [fast, send()]
-    finally:
-        table.update(saved)
-
-
 def raw(vectors: Any) -> bytes:
     return np.asarray(vectors, "<f4").tobytes()
 
@@ -98,18 +86,15 @@ def test_nul_in_a_label_patch_is_422_and_the_label_is_unchanged(ready, keys, sub
 
 
 @pytest.mark.parametrize("field", ["camera_id", "track_id", "model"])
-def test_nul_in_match_options_is_422_at_both_doors(ready, keys, field):
+def test_nul_in_match_options_is_422(ready, keys, field):
     h = keys["match"]
     body = {"model": MODEL, "embedding": GOOD, field: "cam\x00era"}
-    for r in both_doors(ready, lambda: ready.post("/v1/match", json=body, headers=h)):
-        assert_problem(r)
+    assert_problem(ready.post("/v1/match", json=body, headers=h))
     query = {"model": MODEL, field: "cam\x00era"}
-    for r in both_doors(ready, lambda: ready.post("/v1/match", params=query, content=raw(GOOD),
-                                                  headers={**h, "Content-Type": "application/octet-stream"})):
-        assert_problem(r)
+    assert_problem(ready.post("/v1/match", params=query, content=raw(GOOD),
+                              headers={**h, "Content-Type": "application/octet-stream"}))
     batch = {"model": MODEL, "embeddings": [GOOD], field: "\x00"}
-    for r in both_doors(ready, lambda: ready.post("/v1/match:batch", json=batch, headers=h)):
-        assert_problem(r)
+    assert_problem(ready.post("/v1/match:batch", json=batch, headers=h))
 
 
 def test_nul_in_media_parameters_is_422(ready, keys):
@@ -165,7 +150,7 @@ def test_degenerate_norms_are_422_at_enrolment(ready, keys, subject, value):
 
 
 @pytest.mark.parametrize("value", [1e-30, 1e-20, 1e19, 3e38], ids=["1e-30", "1e-20", "1e19", "3e38"])
-def test_degenerate_norms_are_422_at_every_match_door(ready, keys, value):
+def test_degenerate_norms_are_422_for_every_match_body(ready, keys, value):
     h = keys["match"]
     vec = [value] * DIM
     sends = [
@@ -177,9 +162,8 @@ def test_degenerate_norms_are_422_at_every_match_door(ready, keys, value):
                            headers={**h, "Content-Type": "application/octet-stream"}),
     ]
     for send in sends:
-        for r in both_doors(ready, send):
-            problem = assert_problem(r)
-            assert "norm" in problem["detail"] or "infinite" in problem["detail"]
+        problem = assert_problem(send())
+        assert "norm" in problem["detail"] or "infinite" in problem["detail"]
 
 
 def test_constant_vectors_match_with_a_finite_similarity(ready, keys, subject):
@@ -196,13 +180,13 @@ def test_constant_vectors_match_with_a_finite_similarity(ready, keys, subject):
                                headers={**h, "Content-Type": "application/octet-stream"}),
         ]
         for send in sends:
-            for r in both_doors(ready, send):
-                assert r.status_code == 200, r.text
-                out = strict_json(r.text)
-                assert -1.0 <= out["similarity"] <= 1.0
-                if value > 0:
-                    assert out["decision"] == "match" and out["subject_id"] == subject
-                    assert out["similarity"] == pytest.approx(1.0, abs=1e-5)
+            r = send()
+            assert r.status_code == 200, r.text
+            out = strict_json(r.text)
+            assert -1.0 <= out["similarity"] <= 1.0
+            if value > 0:
+                assert out["decision"] == "match" and out["subject_id"] == subject
+                assert out["similarity"] == pytest.approx(1.0, abs=1e-5)
         r = ready.post("/v1/match:batch", json={"model": MODEL, "embeddings": [vec, GOOD], "k": 1}, headers=h)
         assert r.status_code == 200
         assert all(-1.0 <= res["similarity"] <= 1.0 for res in strict_json(r.text)["results"])
@@ -219,7 +203,7 @@ def test_similarities_are_clamped_before_they_reach_a_reply():
     assert out["similarity"] == 1.0 and all(-1.0 <= c["similarity"] <= 1.0 for c in out["candidates"])
 
 
-# --- the fast door validates types exactly as the schema says ------------------------------------------
+# --- match validates types exactly as the schema says ---------------------------------------------------
 
 
 @pytest.mark.parametrize(("change", "loc"), [
@@ -233,18 +217,18 @@ def test_similarities_are_clamped_before_they_reach_a_reply():
     ({"camera_id": 7}, ["camera_id"]),
 ], ids=["string-numbers", "booleans", "k-bool", "k-float", "k-string", "threshold-string", "threshold-bool",
         "camera-int"])
-def test_lax_types_are_422_at_both_match_doors(ready, keys, change, loc):
+def test_lax_types_are_422_at_match(ready, keys, change, loc):
     body = {"model": MODEL, "embedding": [0.123456] * DIM, **change}
-    for r in both_doors(ready, lambda: ready.post("/v1/match", json=body, headers=keys["match"])):
-        problem = assert_problem(r)
-        assert loc in [e["loc"] for e in problem["errors"]]
-        assert "0.123456" not in r.text and "'0.1'" not in r.text  # never echo vector values
+    r = ready.post("/v1/match", json=body, headers=keys["match"])
+    problem = assert_problem(r)
+    assert loc in [e["loc"] for e in problem["errors"]]
+    assert "0.123456" not in r.text and "'0.1'" not in r.text  # never echo vector values
 
 
 def test_strict_types_still_take_integers_as_numbers(ready, keys):
     body = {"model": MODEL, "embedding": [1] * (DIM - 1) + [2], "k": 2, "threshold": 1}
-    for r in both_doors(ready, lambda: ready.post("/v1/match", json=body, headers=keys["match"])):
-        assert r.status_code == 200, r.text
+    r = ready.post("/v1/match", json=body, headers=keys["match"])
+    assert r.status_code == 200, r.text
 
 
 def test_lax_types_are_422_at_json_enrolment(ready, keys, subject):
@@ -256,9 +240,8 @@ def test_lax_types_are_422_at_json_enrolment(ready, keys, subject):
 def test_nan_and_infinite_thresholds_are_422(ready, keys):
     h = {**keys["match"], "Content-Type": "application/octet-stream"}
     for value in ("nan", "inf", "-inf"):
-        for r in both_doors(ready, lambda value=value: ready.post(
-                "/v1/match", params={"model": MODEL, "threshold": value}, content=raw(GOOD), headers=h)):
-            assert_problem(r)
+        assert_problem(ready.post("/v1/match", params={"model": MODEL, "threshold": value}, content=raw(GOOD),
+                                  headers=h))
 
 
 # --- clips are parsed, not sniffed ----------------------------------------------------------------------
@@ -313,8 +296,7 @@ def test_match_and_enrol_options_have_one_source(ready, keys, subject):
     repeated = lambda: ready.post("/v1/match", params=[("model", MODEL), ("k", "1"), ("k", "9")],  # noqa: E731
                                   content=raw(GOOD), headers={**h, "Content-Type": "application/octet-stream"})
     for send in (json_and_query, repeated):
-        for r in both_doors(ready, send):
-            assert_problem(r)
+        assert_problem(send())
     assert_problem(ready.post(f"/v1/subjects/{subject}/encodings", params={"model": MODEL},
                               json={"model": MODEL, "vectors": [GOOD]}, headers=keys["enroll"]))
 

@@ -34,14 +34,13 @@ def test_the_caller_is_the_key_prefix_never_the_secret() -> None:
 
 
 def test_a_burst_of_bad_keys_adds_a_bounded_number_of_verifiable_records(settings, make_key, keys) -> None:
-    """10,000 refused requests through both match doors and a routed endpoint, from 2,000 made-up keys:
+    """10,000 refused requests to /v1/match and to a subject's page, from 2,000 made-up keys:
     at most MAX_CALLERS + 1 records per route, status and minute, their counts sum to the requests, the
     export verifies, and no secret is in it."""
     from fastapi.testclient import TestClient
 
     from appliance.api.app import create_app
     from appliance.audit.export import ExportFilter, export_lines
-    from appliance.audit.log import audit_log
     from appliance.audit.verify import verify_export
 
     match_only = make_key("match", name="denied-match-only")
@@ -63,7 +62,7 @@ def test_a_burst_of_bad_keys_adds_a_bounded_number_of_verifiable_records(setting
         for _ in range(20):
             assert client.get("/v1/audit/export", headers=match_only).status_code == 403
         sent[("/v1/audit/export", 403)] = 20
-        audit = audit_log(client.app.state.appliance)
+        audit = client.app.state.appliance.audit
         assert audit.flush(30)
         chain = audit.chains["audit"].name
     minutes = int(time.time() // 60) - int(started // 60) + 1

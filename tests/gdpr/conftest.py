@@ -22,7 +22,7 @@ def faces() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def gdpr_client(client):  # type: ignore[no-untyped-def]
-    service = client.app.state.appliance.extras["matcher"]
+    service = client.app.state.appliance.matcher
     assert service.wait_ready(120), service.last_error
     return client
 

@@ -13,14 +13,12 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 def test_access_export_is_a_signed_zip_of_decrypted_data_and_history(gdpr_client, admin_headers, staff_headers,
                                                                      make_subject, public_key_pem, state) -> None:
-    from appliance.audit.log import audit_log
-
     subject = make_subject(person=5, n=2)
     probe = {"model": "dlib-resnet-v1", "embedding": subject["vectors"][0].tolist(), "k": 3}
     for _ in range(3):  # match events go to the writer's match blocks: the history must find them there
         r = gdpr_client.post("/v1/match", json=probe, headers=staff_headers)
         assert r.status_code == 200 and r.json()["subject_id"] == subject["id"], r.text
-    assert audit_log(state).flush(10)
+    assert state.audit.flush(10)
     r = gdpr_client.get(f"/v1/subjects/{subject['id']}/export", headers=admin_headers)
     assert r.status_code == 200, r.text
     zf = zipfile.ZipFile(io.BytesIO(r.content))

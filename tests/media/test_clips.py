@@ -133,7 +133,7 @@ def test_range_read_fetches_only_the_covering_ciphertext(client, media_headers, 
     """A 10-byte read in the middle of a 6 MB clip asks S3 for the header and one sealed segment."""
     data = samples.mp4(6 * MiB)
     info = client.post("/v1/media", content=data, headers={**media_headers, "Content-Type": "video/mp4"}).json()
-    service = client.app.state.appliance.extras["media"]
+    service = client.app.state.appliance.media
     calls: list[tuple[int, int]] = []
     real_get = service.store.get
 

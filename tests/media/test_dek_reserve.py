@@ -117,5 +117,5 @@ def test_kek_rotation_rewraps_thumbnail_rows_which_still_open(app, client, media
         versions = conn.execute("SELECT kek_version, wrapped_dek FROM media WHERE id = %s OR parent_id = %s",
                                 (media_id, media_id)).fetchall()
     assert len(versions) == 3 and all(v == target == vault.wrapped_version(bytes(w)) for v, w in versions)
-    app.state.appliance.extras["media"].dek_cache.clear()  # unwrap the rewrapped keys, not cached ones
+    app.state.appliance.media.dek_cache.clear()  # unwrap the rewrapped keys, not cached ones
     assert [client.get(url, headers=media_headers).content for url in urls] == before

@@ -179,9 +179,9 @@ def test_bad_uploads_get_clear_problem_documents(client, media_headers):
 
 def test_oversize_image_is_refused_with_413(client, media_headers):
     big = samples.jpeg(samples.photo(4000, 3000), quality=100)
-    limit = client.app.state.appliance.extras["media"].limits.image_bytes
+    limit = client.app.state.appliance.media.limits.image_bytes
     assert len(big) < limit  # the cap below is what refuses it
-    service = client.app.state.appliance.extras["media"]
+    service = client.app.state.appliance.media
     old = service.limits
     from dataclasses import replace
 

@@ -56,14 +56,14 @@ def test_delete_subject_media_removes_every_version_and_row(client, media_header
                        headers=media_headers).json()
     state = client.app.state.appliance
     with psycopg.connect(settings.database_url.get_secret_value()) as conn, conn.transaction():
-        keys = delete_subject_media(state, conn, subject)
+        keys = delete_subject_media(state.media.store, conn, subject)
     assert len(keys) == 2 + 1  # one object per image and clip; thumbnails are sealed in their rows
     for key in keys:
         assert media_store.versions(key) == []
     with psycopg.connect(settings.database_url.get_secret_value()) as conn:
         left = conn.execute("SELECT count(*) FROM media WHERE subject_id = %s", (subject,)).fetchone()
         assert left == (0,)
-        again = delete_subject_media(state, conn, subject)  # idempotent: a resumed erasure re-runs it
+        again = delete_subject_media(state.media.store, conn, subject)  # idempotent: a resumed erasure re-runs it
     assert again == []
     for media_id in [*ids, clip["id"]]:
         assert client.get(f"/v1/media/{media_id}", headers=media_headers).status_code == 404

@@ -27,7 +27,7 @@ def match_headers(make_key):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def ready_client(client):  # type: ignore[no-untyped-def]
     """The session client once this process's hot indexes are warm."""
-    service = client.app.state.appliance.extras["matcher"]
+    service = client.app.state.appliance.matcher
     assert service.wait_ready(120), service.last_error
     return client
 

@@ -48,7 +48,7 @@ def test_two_workers_converge_after_enrol_and_delete(state, second_worker, new_s
     v = unit(rng, 2)
     sid = new_subject()
     enrol(sid, v)
-    first = state.extras["matcher"]
+    first = state.matcher
     assert sid in _subjects(first, v[0])  # read-your-write on the enrolling worker
     assert wait_until(lambda: sid in _subjects(second_worker, v[1]))
     labels = tombstone_subject(state, uuid.UUID(sid))
@@ -72,7 +72,7 @@ def test_erased_subject_never_matches_while_feed_lags(state, second_worker, new_
         tombstone_subject(state, uuid.UUID(sid))
         # Worker B has not read the feed, yet it checks the host's tombstone file after every search.
         assert sid not in _subjects(second_worker, v[0])
-        assert sid not in _subjects(state.extras["matcher"], v[0])
+        assert sid not in _subjects(state.matcher, v[0])
     finally:
         second_worker.resume()
 
@@ -157,7 +157,7 @@ def test_template_key_rotation_reprotects_and_workers_swap(state, second_worker,
     with psycopg.connect(admin_dsn) as conn:
         old = conn.execute("SELECT template::text FROM encodings WHERE subject_id = %s ORDER BY label",
                            (sid,)).fetchall()
-    first = state.extras["matcher"]
+    first = state.matcher
     version = first.models[MODEL].version
     assert rotate_template_key(state, MODEL, batch_size=2, stop_after_batches=1) is None  # interrupted
     assert sid in _subjects(first, v[0])  # matching works mid-rotation

@@ -82,5 +82,5 @@ def test_postgres_holds_no_raw_vector(ready_client, new_subject, enrol, admin_ds
 
 
 def test_index_dimension_matches_model(ready_client):
-    service = ready_client.app.state.appliance.extras["matcher"]
+    service = ready_client.app.state.appliance.matcher
     assert service.models[MODEL].dim == DIM
