@@ -31,14 +31,14 @@ class ModelSpec(BaseModel):
 
 
 DEFAULT_MODELS: dict[str, ModelSpec] = {
-    # Threshold chosen from ../shared/data/faces_dlib128.npz (see README, "Choosing thresholds").
+    # Threshold chosen from ../shared/data/faces_dlib128.npz (docs/configuration.md, "Authentication and models").
     "dlib-resnet-v1": ModelSpec(dim=128, threshold=0.94),
     "arcface-r100": ModelSpec(dim=512, threshold=0.40),
 }
 
 
 class Settings(BaseSettings):
-    """Every endpoint, credential and tunable of the appliance; each is documented in README."""
+    """Every endpoint, credential and tunable of the appliance; each is in docs/configuration.md (tested)."""
 
     model_config = SettingsConfigDict(
         env_prefix="APPLIANCE_",
@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(default=1, ge=0)
     db_pool_max: int = Field(default=8, ge=1)
     db_connect_timeout: float = Field(default=3.0, gt=0)
-    # Bounds on every wait for PostgreSQL (README, "Timeouts"); CLI jobs on their own connections have none.
+    # Bounds on every wait for PostgreSQL (docs/operations.md, "Bounded waits"); CLI jobs on their own
+    # connections have none.
     db_request_timeout: float = Field(default=3.0, gt=0)
     db_statement_timeout: float = Field(default=2.5, gt=0)
     db_lock_timeout: float = Field(default=1.0, gt=0)
@@ -151,7 +152,7 @@ class Settings(BaseSettings):
     def _commit_guard_below_request_bound(self) -> Settings:
         """A COMMIT that reached a stopped server must be refused there before the client gives up on it."""
         if self.db_commit_guard >= self.db_request_timeout:
-            raise ValueError("db_commit_guard must be below db_request_timeout (README, 'Timeouts')")
+            raise ValueError("db_commit_guard must be below db_request_timeout (docs/operations.md, 'Bounded waits')")
         return self
 
     @property

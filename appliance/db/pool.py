@@ -1,6 +1,6 @@
 """The service's PostgreSQL pool; every multi-statement write runs inside ``conn.transaction()``.
 
-Every wait for PostgreSQL is bounded (README, "Timeouts"), because a server that is stopped, not
+Every wait for PostgreSQL is bounded (docs/operations.md, "Bounded waits"), because a server that is stopped, not
 dead, answers nothing and refuses nothing: the kernel still accepts our bytes, so neither
 ``statement_timeout`` (the server's own clock is stopped too) nor TCP keepalives ever fire.
 

@@ -115,11 +115,11 @@ def test_service_is_hardened_by_allow_list(unit):
     assert service["IPAddressAllow"] == ["localhost"], "only loopback in the unit; sites add networks"
 
 
-def test_the_api_unit_lets_the_audit_writer_lower_its_own_priority():
-    """The writer child calls setpriority and sched_setscheduler(SCHED_IDLE); @resources is denied."""
+def test_the_api_unit_gives_back_nothing_of_resources():
+    """The audit writer is a thread now (no child lowering its priority): no @resources call is allowed back."""
     service = parse_unit(UNIT_DIR / "appliance.service")["Service"]
     allowed = {name for line in service["SystemCallFilter"] if not line.startswith("~") for name in line.split()}
-    assert {"setpriority", "sched_setscheduler"} <= allowed
+    assert not {"setpriority", "sched_setscheduler", "setrlimit"} & allowed
 
 
 @pytest.mark.parametrize("unit", SERVICES)

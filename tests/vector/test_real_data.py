@@ -28,7 +28,7 @@ def test_held_back_image_of_every_person_matches_at_rank_one(ready_client, new_s
     wrong = [person for (person, _), res in zip(probes, results, strict=True)
              if res["candidates"][0]["subject_id"] != subject_of[person]]
     assert not wrong, f"rank-1 misses: {wrong}"
-    # With the default threshold, and with the proposed 0.94 (README, "threshold"), every held-back probe
+    # With the default threshold, and with the proposed 0.94 (docs/configuration.md, "models"), every held-back probe
     # is also *decided* a match.
     assert all(res["decision"] == "match" for res in results), [res["similarity"] for res in results]
     r = ready_client.post("/v1/match:batch", json={"model": MODEL, "k": 1, "threshold": 0.94,
