@@ -95,8 +95,11 @@ def test_four_concurrent_large_pngs_share_one_peak(server, media_headers, big_pn
     growth = _status(server.pid, "VmHWM") - base
     print(f"four concurrent {SIDE}x{SIDE} RGBA PNGs: peak growth {growth / MiB:.0f} MiB")
     assert [r.status_code for r in results] == [201] * 4, [r.text for r in results]
-    # Two such decodes do not fit the 256 MiB default budget: they run one after the other.
-    assert growth < DECODED + 4 * len(big_png) + SLACK
+    # Two such decodes do not fit the 256 MiB default budget: they run one after the other. Four requests
+    # in flight add their bodies, buffers and thread stacks (a clean CI run saw 252 MiB against 249), so
+    # the bound allows twice the single-upload slack; two decodes at once would be ~400 MiB and fail it.
+    assert growth < DECODED + 4 * len(big_png) + 2 * SLACK
+    assert growth < 2 * DECODED
 
 
 def test_an_image_over_the_whole_budget_is_refused_before_decoding() -> None:
