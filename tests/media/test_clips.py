@@ -12,22 +12,10 @@ import pytest
 
 from tests.media import samples
 from tests.media.conftest import serve
+from tests.memory import reset_peak, status
 
 CLIP_SIZE = 50 * 1024 * 1024
 MiB = 1024 * 1024
-
-
-def _status(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_peak(pid: int) -> int:
-    """Reset the peak-RSS mark (Linux clear_refs 5) and return the current RSS as the baseline."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-    return _status(pid, "VmRSS")
 
 
 def _chunks(data: bytes, size: int = MiB) -> Iterator[bytes]:
@@ -52,10 +40,10 @@ def _upload_to(server, headers, clip: bytes, declare_length: bool):  # type: ign
     extra = {"Content-Length": str(len(clip))} if declare_length else {}
     with httpx.Client(base_url=server.url, headers=headers, timeout=120) as http:
         http.get("/v1/media", params={"limit": 1})  # warm the code paths first
-        base = _reset_peak(pid)
+        base = reset_peak(pid)
         r = http.post("/v1/media", params={"camera_id": "clip-cam"}, content=_chunks(clip),
                       headers={"Content-Type": "application/octet-stream", **extra})
-        growth = _status(pid, "VmHWM") - base
+        growth = status(pid, "VmHWM") - base
     assert r.status_code == 201, r.text
     return r.json(), growth
 
@@ -94,14 +82,14 @@ def _download_measured(server, media_headers, media_id: str):  # type: ignore[no
     digest, size = hashlib.sha256(), 0
     with httpx.Client(base_url=server.url, headers=media_headers, timeout=120) as http:
         http.get(f"/v1/media/{media_id}", headers={"Range": "bytes=0-9"})  # warm the code paths
-        base = _reset_peak(pid)
+        base = reset_peak(pid)
         with http.stream("GET", f"/v1/media/{media_id}") as r:
             assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
             assert int(r.headers["content-length"]) == CLIP_SIZE and r.headers["accept-ranges"] == "bytes"
             for chunk in r.iter_bytes():
                 digest.update(chunk)
                 size += len(chunk)
-        growth = _status(pid, "VmHWM") - base
+        growth = status(pid, "VmHWM") - base
     return growth, digest, size
 
 

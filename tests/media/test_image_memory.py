@@ -12,7 +12,6 @@ import struct
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,23 +21,12 @@ from media.decode_budget import DecodeBudget
 from media.errors import DecodeBusy, MediaTooLarge
 from media.validate import sanitize_image
 from tests.media.conftest import serve
+from tests.memory import reset_peak, status
 
 MiB = 1024 * 1024
 SIDE = 7071
 DECODED = SIDE * SIDE * 4  # 191 MiB: the one full-size buffer a decode needs
 SLACK = 48 * MiB  # request bodies, the stripped copy, Python and allocator overhead
-
-
-def _status(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_peak(pid: int) -> int:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-    return _status(pid, "VmRSS")
 
 
 def solid_png(side: int, rgba: tuple[int, int, int, int] = (10, 200, 30, 128)) -> bytes:
@@ -72,10 +60,10 @@ def _upload(url: str, headers: dict[str, str], body: bytes) -> httpx.Response:
 
 def test_one_large_png_costs_one_decoded_image_and_gives_it_back(server, media_headers, big_png) -> None:  # type: ignore[no-untyped-def]
     _upload(server.url, media_headers, solid_png(64))  # warm the code paths
-    base = _reset_peak(server.pid)
+    base = reset_peak(server.pid)
     r = _upload(server.url, media_headers, big_png)
-    growth = _status(server.pid, "VmHWM") - base
-    kept = _status(server.pid, "VmRSS") - base
+    growth = status(server.pid, "VmHWM") - base
+    kept = status(server.pid, "VmRSS") - base
     print(f"one {SIDE}x{SIDE} RGBA PNG: peak growth {growth / MiB:.0f} MiB, kept {kept / MiB:.0f} MiB")
     assert r.status_code == 201, r.text
     assert (r.json()["width"], r.json()["height"]) == (SIDE, SIDE) and r.json()["thumbnails"] == [128, 256]
@@ -84,7 +72,7 @@ def test_one_large_png_costs_one_decoded_image_and_gives_it_back(server, media_h
 
 
 def test_four_concurrent_large_pngs_share_one_peak(server, media_headers, big_png) -> None:  # type: ignore[no-untyped-def]
-    base = _reset_peak(server.pid)
+    base = reset_peak(server.pid)
     results: list[httpx.Response] = []
     uploads = [threading.Thread(target=lambda: results.append(_upload(server.url, media_headers, big_png)))
                for _ in range(4)]
@@ -92,7 +80,7 @@ def test_four_concurrent_large_pngs_share_one_peak(server, media_headers, big_pn
         thread.start()
     for thread in uploads:
         thread.join()
-    growth = _status(server.pid, "VmHWM") - base
+    growth = status(server.pid, "VmHWM") - base
     print(f"four concurrent {SIDE}x{SIDE} RGBA PNGs: peak growth {growth / MiB:.0f} MiB")
     assert [r.status_code for r in results] == [201] * 4, [r.text for r in results]
     # Two such decodes do not fit the 256 MiB default budget: they run one after the other. Four requests
