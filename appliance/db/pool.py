@@ -33,6 +33,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import Connection
 from psycopg.abc import RV, PQGen
+from psycopg.errors import IdleInTransactionSessionTimeout
 from psycopg.pq import Format, TransactionStatus
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
@@ -114,7 +115,7 @@ class BoundedConnection(Connection[TupleRow]):
             self._deadline = time.monotonic() + (self.reply_timeout or math.inf)
         try:
             return (yield from super()._exec_command(command, result_format))
-        except psycopg.errors.IdleInTransactionSessionTimeout:
+        except IdleInTransactionSessionTimeout:
             if not guarded:
                 raise
             raise DatabaseTimeout("PostgreSQL did not read the COMMIT within the commit guard "
