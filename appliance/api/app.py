@@ -7,7 +7,6 @@ typed ``AppState`` (``app.state.appliance``), built and started in the lifespan,
 from __future__ import annotations
 
 import gc
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,8 +24,7 @@ from appliance.state import AppState, media_limits
 from media.errors import StoreUnavailable
 
 log = get_logger(__name__)
-MULTIPART_SLACK = 1024 * 1024
-GIL_SWITCH_INTERVAL = 0.0005  # seconds  # boundaries and form fields around an uploaded file
+MULTIPART_SLACK = 1024 * 1024  # boundaries and form fields around an uploaded file
 TAGS = ("operations", "auth", "subjects", "enrolment", "match", "media", "audit", "gdpr")  # OpenAPI sections
 
 
@@ -38,12 +36,6 @@ def _settle_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-
-
-def _short_gil_slices() -> None:
-    """A request waiting for the GIL gets it within 0.5 ms of a busy background thread (the audit writer
-    packing a batch, an index rebuild), instead of CPython's default 5 ms switch interval."""
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
 
 def _start(state: AppState) -> None:
@@ -76,7 +68,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.appliance = state
         _start(state)
         _settle_gc()
-        _short_gil_slices()
         log.info("started", port=settings.port, key_provider=settings.key_provider)
         try:
             yield
