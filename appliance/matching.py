@@ -27,6 +27,7 @@ from crypto.template import TemplateKey
 from vector import snapshot, store
 from vector.errors import IndexNotReady, SnapshotError, UnknownModel
 from vector.feed import Feed, FeedMessage
+from vector.fusion import TrackDecision
 from vector.index import HotIndex, IndexParams, single_threaded_search
 from vector.matcher import Candidate, search_candidates
 from vector.templates import TemplateKeys
@@ -60,6 +61,8 @@ class MatchResult:
     candidates: list[Candidate]
     threshold: float
     index_version: str
+    margin: float | None = None  # best similarity minus the best *other* subject's; None with < 2 subjects
+    track: TrackDecision | None = None  # the fused track answer; None when the request had no track_id
 
     @property
     def best(self) -> Candidate | None:
