@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,10 @@ class IndexService:
         self.local_tombstones = LocalTombstones(path) if path is not None else None
         self._keys = keys  # callable returning the KeyProvider (lazy: Vault may be down at start)
         self.dims = {name: spec.dim for name, spec in settings.models.items()}
+        # The threshold each model applies when a request names none: the configured default until an
+        # applied calibration replaces it (appliance.calibration.ThresholdRefresher writes here).
         self.thresholds = {name: spec.threshold for name, spec in settings.models.items()}
+        self.on_threshold: Callable[[str], None] | None = None  # a "threshold" feed message arrived
         self.models: dict[str, ModelIndex] = {}
         self.dead: set[int] = set()  # read lock-free on the match path; changed only under _dead_lock
         self._dead_lock = threading.Lock()
@@ -401,6 +405,10 @@ class IndexService:
                                    timeout=wait)
 
     def _apply(self, msg: FeedMessage) -> None:
+        if msg.op == "threshold":  # unsequenced, no index change: the refresher re-reads PostgreSQL
+            if self.on_threshold is not None:
+                self.on_threshold(msg.model)
+            return
         with self._applied:
             self._apply_locked(msg)
             self._applied.notify_all()

@@ -4,6 +4,7 @@ Message kinds (fields are bytes; arrays little-endian):
     add        model, seq, version, labels (int64), subjects (16 B each), encodings (16 B each), templates (float32)
     delete     model, seq, labels
     rekey      model, seq, version            (template-key rotation finished: reload that version)
+    threshold  model                           (unsequenced: a calibrated threshold was applied; re-read it)
     tombstone  labels                          (unsequenced; also in the tombstone set)
 ``seq`` is the model's feed_seq from PostgreSQL (commit order); a follower that sees a gap re-syncs.
 Templates in the feed are protected (R·v), the same as in PostgreSQL; raw vectors never pass here.
@@ -57,6 +58,10 @@ class Feed:
 
     def publish_rekey(self, model: str, seq: int, version: int) -> None:
         self._xadd({"op": "rekey", "model": model, "seq": seq, "version": version, "labels": b""})
+
+    def publish_threshold(self, model: str) -> None:
+        """Tell every worker that ``model``'s applied threshold changed in PostgreSQL (they re-read it)."""
+        self._xadd({"op": "threshold", "model": model, "seq": 0, "version": 0, "labels": b""})
 
     def tombstone(self, labels: list[int] | np.ndarray) -> None:
         """Add labels to the tombstone set and tell every follower at once (both before returning)."""
