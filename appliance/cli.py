@@ -1,5 +1,5 @@
 """The ``appliance`` command: serve, migrate, the local stack, API keys (and, from ``appliance.commands``,
-keys, subject, audit, retention, backup)."""
+keys, subject, audit, retention, backup, models)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from appliance.commands import audit, backup, keys, retention, subject
+from appliance.commands import audit, backup, keys, models, retention, subject
 from appliance.commands.context import fail, load_settings
 from appliance.settings import Settings
 
@@ -214,6 +214,7 @@ app.add_typer(subject.app, name="subject")
 app.add_typer(audit.app, name="audit")
 app.add_typer(retention.app, name="retention")
 app.add_typer(backup.app, name="backup")
+app.add_typer(models.app, name="models")
 
 
 def main() -> None:

@@ -142,6 +142,9 @@ class Settings(BaseSettings):
 
     # --- models ---
     models: dict[str, ModelSpec] = Field(default_factory=lambda: dict(DEFAULT_MODELS))
+    # Each API worker re-reads the applied calibrated thresholds this often (the fallback when the
+    # Redis feed message of `appliance models calibrate --apply` is lost).
+    model_threshold_refresh_interval: float = Field(default=5.0, gt=0)
 
     @field_validator("var_dir", mode="after")
     @classmethod

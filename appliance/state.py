@@ -19,6 +19,7 @@ from appliance import clients
 from appliance.audit.log import AuditLog
 from appliance.auth import KeyCache
 from appliance.blind_index import BlindIndex
+from appliance.calibration import ThresholdRefresher
 from appliance.matching import IndexService
 from appliance.readiness import Readiness
 from appliance.settings import Settings
@@ -59,6 +60,8 @@ class AppState:
     # The hot indexes: set and started by the API (appliance.api.app); None in CLI processes, whose index
     # changes reach the API workers through the feed and the host's tombstone file.
     matcher: IndexService | None = None
+    # The applied calibrated thresholds, held in memory for the matcher (API processes only).
+    thresholds: ThresholdRefresher | None = None
     # Models whose template key and index_state row exist (appliance.enrolment.ensure_models).
     known_models: set[str] = field(default_factory=set)
     _keys: KeyProvider | None = None
@@ -167,6 +170,8 @@ class AppState:
             self._audit.stop(checkpoint=checkpoint)
         if self._media is not None:
             self._media.close()
+        if self.thresholds is not None:
+            self.thresholds.stop()
         if self.matcher is not None:
             self.matcher.stop()
         self.api_keys.stop()

@@ -13,8 +13,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from appliance import __version__
-from appliance.api import audit, enrol, gdpr, health, keys, match, media, openapi, problems, subjects
+from appliance.api import audit, enrol, gdpr, health, keys, match, media, models, openapi, problems, subjects
 from appliance.api.middleware import DenialAudit, RequestContext
+from appliance.calibration import ThresholdRefresher
 from appliance.gdpr.erasure import resume_in_background
 from appliance.gdpr.upgrade import upgrade_in_background
 from appliance.logs import configure_logging, get_logger
@@ -25,7 +26,7 @@ from media.errors import StoreUnavailable
 
 log = get_logger(__name__)
 MULTIPART_SLACK = 1024 * 1024  # boundaries and form fields around an uploaded file
-TAGS = ("operations", "auth", "subjects", "enrolment", "match", "media", "audit", "gdpr")  # OpenAPI sections
+TAGS = ("operations", "auth", "models", "subjects", "enrolment", "match", "media", "audit", "gdpr")  # OpenAPI sections
 
 
 def _settle_gc() -> None:
@@ -45,6 +46,10 @@ def _start(state: AppState) -> None:
     state.matcher = IndexService(state.settings, state.pool, state.redis, lambda: state.keys,
                                  ServiceConfig.from_settings(state.settings))
     state.matcher.start()
+    state.thresholds = ThresholdRefresher(state.pool, state.matcher,
+                                          {m: spec.threshold for m, spec in state.settings.models.items()},
+                                          state.settings.model_threshold_refresh_interval)
+    state.thresholds.start()
     try:  # the versioned bucket now if S3 answers; otherwise the first upload retries it
         state.media.ensure_bucket()
     except StoreUnavailable as exc:
@@ -85,8 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     # The router tries routes in this order: the match routes, the hot path, come first. The document
     # lists its sections in the order of ``TAGS``.
-    for router in (match.router, health.router, keys.router, subjects.router, enrol.router, media.router,
-                   audit.router, gdpr.router):
+    for router in (match.router, health.router, keys.router, models.router, subjects.router, enrol.router,
+                   media.router, audit.router, gdpr.router):
         app.include_router(router)
     openapi.install(app)
     # Middlewares, innermost first (each add wraps the previous ones).

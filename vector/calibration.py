@@ -1,0 +1,297 @@
+"""Threshold calibration from a gallery's own templates: genuine and impostor scores, FAR bounds, TAR, EER.
+
+An open-set match answers "who is this?" mostly for faces that are not enrolled, so the threshold is a
+promise about false accepts. The scores are those a deployment sees:
+
+- **genuine**: every pair of encodings of one subject (a known face against its own enrolment);
+- **impostor**: for each encoding, its *best* similarity against every other subject (leave one subject
+  out: what an unenrolled face meets when it is searched against the whole gallery). One trial per
+  encoding, so the FAR is per query, at this gallery's size.
+
+A calibrated threshold is the lowest at which the one-sided 95 % Clopper-Pearson upper bound of the
+FAR is at most the target: with few impostor trials that bound cannot be met at all, which is why a
+target needs at least ``trials_needed(target)`` trials (about 3/target: the rule of three).
+Templates are the protected ones (inner products are preserved), so nothing here needs a key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIDENCE = 0.95
+REPORTED_FARS = (1e-2, 1e-3, 1e-4)
+BLOCK_ROWS = 1024  # rows per matrix product: 1024 x N float32 (24 MB at N = 6k)
+THRESHOLD_DECIMALS = 4  # a calibrated threshold is rounded *up* to this many decimals (never more FAR)
+
+
+class InsufficientData(ValueError):
+    """Too few impostor trials (or genuine pairs) for the requested FAR target."""
+
+    def __init__(self, message: str, needed: int, have: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.have = have
+
+
+@dataclass(frozen=True)
+class Scores:
+    genuine: np.ndarray  # float64, ascending: one per pair of encodings of one subject
+    impostor: np.ndarray  # float64, ascending: one per encoding (its best score against other subjects)
+    subjects: int
+    encodings: int
+
+
+def score_sets(templates: np.ndarray, subjects: np.ndarray, block_rows: int = BLOCK_ROWS) -> Scores:
+    """Genuine and leave-one-subject-out impostor scores of unit-norm ``templates`` (n, d).
+
+    ``subjects`` (n,) or (n, k) identifies each row's subject (ids of any dtype, or 16-byte uuids).
+    Blocked matrix products: memory is ``block_rows x n`` floats, whatever ``n``.
+    """
+    x = np.ascontiguousarray(templates, dtype=np.float32)
+    if x.ndim != 2 or len(x) != len(subjects):
+        raise ValueError("templates must be (n, d) with one subject per row")
+    ids = np.asarray(subjects)
+    if ids.ndim == 2:
+        ids = np.ascontiguousarray(ids).view(np.dtype((np.void, ids.dtype.itemsize * ids.shape[1]))).ravel()
+    _, code = np.unique(ids, return_inverse=True)
+    code = code.ravel()
+    n = len(x)
+    genuine: list[np.ndarray] = []
+    impostor = np.full(n, -np.inf, dtype=np.float32)
+    cols = np.arange(n)
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        sims = x[start:stop] @ x.T
+        same = code[start:stop, None] == code[None, :]
+        genuine.append(sims[same & (cols[None, :] > cols[start:stop, None])])
+        sims[same] = -np.inf
+        impostor[start:stop] = sims.max(axis=1)
+    g = np.sort(np.concatenate(genuine).astype(np.float64)) if genuine else np.empty(0)
+    subjects_n = int(code.max()) + 1 if n else 0
+    imp = np.sort(impostor.astype(np.float64)) if subjects_n > 1 else np.empty(0)
+    return Scores(genuine=np.clip(g, -1.0, 1.0), impostor=np.clip(imp, -1.0, 1.0),
+                  subjects=subjects_n, encodings=n)
+
+
+def far_upper_bound(errors: int, trials: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided exact (Clopper-Pearson) upper confidence bound of a rate seen as ``errors`` in ``trials``.
+
+    With no errors it is ``1 - (1 - confidence) ** (1 / trials)``, which the rule of three (3/n) rounds.
+    """
+    if trials <= 0:
+        return 1.0
+    if errors >= trials:
+        return 1.0
+    alpha = 1.0 - confidence
+    if errors == 0:
+        return 1.0 - alpha ** (1.0 / trials)
+    lo, hi = errors / trials, 1.0
+    for _ in range(100):  # bisection on P(X <= errors | trials, p) = alpha (decreasing in p)
+        mid = (lo + hi) / 2
+        if _binom_cdf(errors, trials, mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0 if k < n else 1.0
+    i = np.arange(k + 1, dtype=np.float64)
+    logs = (math.lgamma(n + 1) - np.array([math.lgamma(j + 1) for j in range(k + 1)])
+            - np.array([math.lgamma(n - j + 1) for j in range(k + 1)]) + i * math.log(p) + (n - i) * math.log1p(-p))
+    return float(np.exp(logs).sum())
+
+
+def trials_needed(target_far: float, confidence: float = CONFIDENCE) -> int:
+    """The fewest impostor trials whose upper bound can reach ``target_far`` at all (with zero errors)."""
+    if not 0.0 < target_far < 1.0:
+        raise ValueError("target FAR must be in (0, 1)")
+    return math.ceil(math.log(1.0 - confidence) / math.log1p(-target_far))
+
+
+def allowed_errors(target_far: float, trials: int, confidence: float = CONFIDENCE) -> int:
+    """Most false accepts among ``trials`` whose upper bound stays at or below ``target_far`` (-1: none)."""
+    k = -1
+    while k + 1 < trials and far_upper_bound(k + 1, trials, confidence) <= target_far:
+        k += 1
+    return k
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What a threshold does on the calibration data."""
+
+    threshold: float
+    tar: float  # genuine pairs at or above the threshold / genuine pairs
+    genuine_pairs: int
+    far: float  # impostor trials at or above / impostor trials
+    false_accepts: int
+    impostor_trials: int
+    far_upper_bound: float  # one-sided 95 % Clopper-Pearson
+
+
+def operating_point(scores: Scores, threshold: float, confidence: float = CONFIDENCE) -> OperatingPoint:
+    """TAR and FAR (with its upper bound) of ``threshold`` on these scores (decision: score >= threshold)."""
+    g, imp = scores.genuine, scores.impostor
+    accepted = int(len(imp) - np.searchsorted(imp, threshold, side="left"))
+    true_acc = int(len(g) - np.searchsorted(g, threshold, side="left"))
+    return OperatingPoint(
+        threshold=float(threshold), tar=true_acc / len(g) if len(g) else 0.0, genuine_pairs=len(g),
+        far=accepted / len(imp) if len(imp) else 0.0, false_accepts=accepted, impostor_trials=len(imp),
+        far_upper_bound=far_upper_bound(accepted, len(imp), confidence))
+
+
+def threshold_for(scores: Scores, target_far: float, confidence: float = CONFIDENCE) -> OperatingPoint:
+    """The lowest threshold (rounded up to 4 decimals) whose FAR upper bound is at most ``target_far``.
+
+    Raises InsufficientData when the impostor trials are too few for the target (the count needed is
+    on the exception) or when there is no genuine pair (no subject with two encodings).
+    """
+    need, have = trials_needed(target_far, confidence), len(scores.impostor)
+    if have < need:
+        raise InsufficientData(f"{have} impostor trials (one per encoding of a gallery with at least two "
+                               f"subjects); a FAR target of {target_far:g} needs at least {need}",
+                               needed=need, have=have)
+    if not len(scores.genuine):
+        raise InsufficientData("no genuine pair: enrol at least two encodings of some subject", needed=1, have=0)
+    k = allowed_errors(target_far, have, confidence)
+    desc = scores.impostor[::-1]
+    edge = float(desc[k]) if k < have else -1.0  # desc[:k] may be accepted; desc[k] must not be
+    scale = 10 ** THRESHOLD_DECIMALS
+    t = math.floor(edge * scale) / scale + 1 / scale  # strictly above ``edge``, rounded up
+    return operating_point(scores, min(round(t, THRESHOLD_DECIMALS), 1.0), confidence)
+
+
+def equal_error_rate(scores: Scores) -> tuple[float, float]:
+    """(EER, threshold): where the impostor accept rate meets the genuine reject rate."""
+    g, imp = scores.genuine, scores.impostor
+    if not len(g) or not len(imp):
+        return float("nan"), float("nan")
+    cand = np.unique(np.concatenate([g, imp]))
+    far = (len(imp) - np.searchsorted(imp, cand, side="left")) / len(imp)
+    frr = np.searchsorted(g, cand, side="left") / len(g)
+    i = int(np.argmin(np.abs(far - frr)))
+    return float((far[i] + frr[i]) / 2), float(cand[i])
+
+
+def curve(scores: Scores, points: int = 400) -> dict[str, list[float]]:
+    """ROC/DET points (threshold, FAR, TAR) over the score range, for plots and JSON."""
+    g, imp = scores.genuine, scores.impostor
+    both = np.concatenate([g, imp])
+    if not len(g) or not len(imp):
+        return {"threshold": [], "far": [], "tar": []}
+    ts = np.unique(np.quantile(both, np.linspace(0, 1, points)))
+    far = (len(imp) - np.searchsorted(imp, ts, side="left")) / len(imp)
+    tar = (len(g) - np.searchsorted(g, ts, side="left")) / len(g)
+    return {"threshold": [round(float(x), 6) for x in ts], "far": [float(x) for x in far],
+            "tar": [float(x) for x in tar]}
+
+
+@dataclass
+class Report:
+    """One calibration: the data it saw, the operating points, and the chosen threshold (if any)."""
+
+    subjects: int
+    encodings: int
+    genuine_pairs: int
+    impostor_trials: int
+    confidence: float
+    target_far: float
+    trials_needed: int
+    chosen: OperatingPoint | None
+    refused: str | None
+    eer: float
+    eer_threshold: float
+    points: dict[str, OperatingPoint | dict[str, Any]] = field(default_factory=dict)
+    curve: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON (NaN, e.g. the EER without genuine pairs, becomes null: JSON and jsonb have no NaN)."""
+        return _finite(asdict(self))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def calibrate(scores: Scores, target_far: float, fars: tuple[float, ...] = REPORTED_FARS,
+              confidence: float = CONFIDENCE) -> Report:
+    """The whole report: an operating point per reported FAR (or the trials it would need), EER, curve."""
+    points: dict[str, OperatingPoint | dict[str, Any]] = {}
+    for far in sorted({*fars, target_far}, reverse=True):
+        try:
+            points[f"{far:g}"] = threshold_for(scores, far, confidence)
+        except InsufficientData as exc:
+            points[f"{far:g}"] = {"refused": str(exc), "trials_needed": exc.needed,
+                                  "impostor_trials": exc.have}
+    chosen = points[f"{target_far:g}"]
+    eer, eer_t = equal_error_rate(scores)
+    return Report(
+        subjects=scores.subjects, encodings=scores.encodings, genuine_pairs=len(scores.genuine),
+        impostor_trials=len(scores.impostor), confidence=confidence, target_far=target_far,
+        trials_needed=trials_needed(target_far, confidence),
+        chosen=chosen if isinstance(chosen, OperatingPoint) else None,
+        refused=None if isinstance(chosen, OperatingPoint) else chosen["refused"],
+        eer=eer, eer_threshold=eer_t, points=points, curve=curve(scores))
+
+
+def table(report: Report) -> str:
+    """The TAR/FAR table as plain text (CLI output)."""
+    lines = [f"{report.subjects} subjects, {report.encodings} encodings: {report.genuine_pairs} genuine pairs, "
+             f"{report.impostor_trials} impostor trials (best match against every other subject)",
+             f"{'FAR target':>10}  {'threshold':>9}  {'TAR':>7}  {'false acc.':>10}  {'FAR':>8}  "
+             f"{'FAR ≤ (95 %)':>12}"]
+    for name, p in report.points.items():
+        if isinstance(p, OperatingPoint):
+            lines.append(f"{name:>10}  {p.threshold:9.4f}  {p.tar:7.2%}  {p.false_accepts:>4}/{p.impostor_trials:<5}"
+                         f"  {p.far:8.2e}  {p.far_upper_bound:12.2e}")
+        else:
+            lines.append(f"{name:>10}  needs ≥ {p['trials_needed']} impostor trials (have {p['impostor_trials']})")
+    lines.append(f"EER {report.eer:.2%} at threshold {report.eer_threshold:.4f}")
+    return "\n".join(lines)
+
+
+def plot(report: Report, path: Path, title: str) -> Path:
+    """ROC (TAR against FAR) and DET (FRR against FAR), log FAR axis, as a PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    far = np.asarray(report.curve.get("far", []))
+    tar = np.asarray(report.curve.get("tar", []))
+    floor = 0.5 / max(report.impostor_trials, 1)
+    fig, (roc, det) = plt.subplots(1, 2, figsize=(10, 4.2))
+    roc.semilogx(np.maximum(far, floor), tar)
+    roc.set(xlabel="FAR (impostor best match accepted)", ylabel="TAR (genuine pairs accepted)", title="ROC")
+    det.loglog(np.maximum(far, floor), np.maximum(1 - tar, 0.5 / max(report.genuine_pairs, 1)))
+    det.set(xlabel="FAR", ylabel="FRR", title="DET")
+    if report.chosen is not None:
+        c = report.chosen
+        roc.plot([max(c.far, floor)], [c.tar], "o", label=f"threshold {c.threshold:.4f}")
+        roc.axvline(report.target_far, ls="--", c="grey", label=f"target FAR {report.target_far:g}")
+        det.axvline(report.target_far, ls="--", c="grey")
+        roc.legend(loc="lower right")
+    for ax in (roc, det):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
