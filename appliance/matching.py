@@ -28,7 +28,7 @@ from crypto.template import TemplateKey
 from vector import snapshot, store
 from vector.errors import IndexNotReady, SnapshotError, UnknownModel
 from vector.feed import Feed, FeedMessage
-from vector.fusion import TrackDecision
+from vector.fusion import FRAME_CANDIDATES, Frame, MemoryTracks, RedisTracks, TrackConfig, TrackDecision, TrackStore
 from vector.index import HotIndex, IndexParams, single_threaded_search
 from vector.matcher import Candidate, search_candidates
 from vector.templates import TemplateKeys
@@ -97,6 +97,15 @@ class ServiceConfig:
         )
 
 
+def track_store(settings: Any, client: redis.Redis) -> TrackStore:
+    """Where track evidence lives: this process alone, or Redis so that several workers share a track
+    (``track_store = "auto"``: Redis when the API runs more than one worker)."""
+    config = TrackConfig(window=settings.track_window, min_frames=settings.track_min_frames,
+                         idle=settings.track_idle_timeout, max_tracks=settings.track_max_tracks)
+    shared = settings.track_store == "redis" or (settings.track_store == "auto" and settings.workers > 1)
+    return RedisTracks(client, config) if shared else MemoryTracks(config)
+
+
 def tombstone_file(settings: Any) -> Path:
     """The host's tombstone file: shared by every worker and CLI process of one installation."""
     return Path(settings.index_tombstone_file or Path(settings.var_dir) / "index" / "tombstones.bin")
@@ -120,6 +129,7 @@ class IndexService:
         # applied calibration replaces it (appliance.calibration.ThresholdRefresher writes here).
         self.thresholds = {name: spec.threshold for name, spec in settings.models.items()}
         self.on_threshold: Callable[[str], None] | None = None  # a "threshold" feed message arrived
+        self.tracks = track_store(settings, redis_client)
         self.models: dict[str, ModelIndex] = {}
         self.dead: set[int] = set()  # read lock-free on the match path; changed only under _dead_lock
         self._dead_lock = threading.Lock()
@@ -171,6 +181,29 @@ class IndexService:
         self._paused.clear()
 
     # --- the match path -------------------------------------------------------------------
+    def identify(self, model: str, vectors: np.ndarray, k: int, threshold: float | None = None,
+                 min_margin: float | None = None, camera_id: str | None = None,
+                 track_id: str | None = None) -> list[MatchResult]:
+        """``match`` plus what a door decides on: each frame's margin to the runner-up subject (so at
+        least 2 subjects are searched), ``min_margin`` (a closer call is "unknown"), and, with a
+        ``track_id``, the track's fused answer (fusion sees each frame's top FRAME_CANDIDATES subjects
+        whatever ``k``; ``vector.fusion``). Frames of a batch are one track's frames, in order."""
+        results = self.match(model, vectors, max(k, FRAME_CANDIDATES if track_id is not None else 2), threshold)
+        for r in results:
+            c = r.candidates
+            if len(c) > 1:
+                r.margin = c[0].similarity - c[1].similarity
+                if min_margin is not None and r.margin < min_margin:
+                    r.decision = "unknown"
+        if track_id is not None and results:
+            frames = [Frame.of(r.candidates) for r in results]
+            decisions = self.tracks.observe(model, camera_id, track_id, frames, results[0].threshold, min_margin)
+            for r, d in zip(results, decisions, strict=True):
+                r.track = d
+        for r in results:
+            del r.candidates[k:]
+        return results
+
     def match(self, model: str, vectors: np.ndarray, k: int, threshold: float | None = None) -> list[MatchResult]:
         """Identify each row of ``vectors`` (validated, shape (n, dim)); see the module invariant."""
         mi = self.models.get(model)

@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     index_resync_interval: float = Field(default=30.0, gt=0)
     index_tombstone_file: Path | None = None
     index_redis_tombstone_probe: bool = False
+    # --- track fusion (docs/configuration.md, "Track fusion"; the rule: vector/fusion.py) ---
+    track_window: int = Field(default=10, ge=1, le=100)
+    track_min_frames: int = Field(default=2, ge=1, le=100)
+    track_idle_timeout: float = Field(default=10.0, gt=0, le=3600)
+    track_max_tracks: int = Field(default=10_000, ge=1, le=1_000_000)
+    track_store: Literal["auto", "memory", "redis"] = "auto"
     bulk_chunk_size: int = Field(default=1000, ge=1, le=10_000)
     bulk_max_body_bytes: int = Field(default=2 << 30, gt=0)
 
@@ -156,6 +162,12 @@ class Settings(BaseSettings):
         """A COMMIT that reached a stopped server must be refused there before the client gives up on it."""
         if self.db_commit_guard >= self.db_request_timeout:
             raise ValueError("db_commit_guard must be below db_request_timeout (docs/operations.md, 'Bounded waits')")
+        return self
+
+    @model_validator(mode="after")
+    def _track_can_name_someone(self) -> Settings:
+        if self.track_min_frames > self.track_window:
+            raise ValueError("track_min_frames must not exceed track_window: no track could ever be named")
         return self
 
     @property
