@@ -75,9 +75,8 @@ def record(conn: Connection[Any], m: Measurement, actor: str, apply: bool, reque
     """
     chosen = m.report.chosen
     if apply and chosen is None:
-        need = m.report.trials_needed
-        raise calibration.InsufficientData(m.report.refused or "target refused", needed=need,
-                                           have=m.report.impostor_trials)
+        raise calibration.InsufficientData(m.report.refused or "target refused", needed=m.report.subjects_needed,
+                                           have=m.report.subjects)
     with conn.transaction():
         version = _next_version(conn, m.model)
         conn.execute(

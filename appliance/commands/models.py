@@ -73,9 +73,9 @@ def calibrate(
         except InsufficientData as exc:
             version = calibration.record(conn, m, actor, apply=False)  # the refused run is kept, audited
             _write(out, model, m)
-            fail(f"refused to apply: {exc}. Enrol more data: at least {exc.needed} encodings (one impostor "
-                 f"trial each, over at least two subjects) are needed for a FAR target of {target_far:g}, "
-                 f"{exc.have} are enrolled (calibration v{version} stored, not applied)", code=2)
+            fail(f"refused to apply: {exc}. A FAR target of {target_far:g} needs at least {exc.needed} enrolled "
+                 f"subjects with their encodings; {exc.have} are enrolled (calibration v{version} stored, "
+                 f"not applied)", code=2)
     png = _write(out, model, m)
     plot(m.report, png, f"{model}: {m.report.subjects} subjects, {m.report.encodings} encodings")
     chosen = m.report.chosen
