@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from appliance.commands import audit, backup, keys, models, retention, subject
+from appliance.commands import audit, backup, keys, models, retention, subject, visits
 from appliance.commands.context import fail, load_settings
 from appliance.settings import Settings
 
@@ -214,6 +214,7 @@ app.add_typer(subject.app, name="subject")
 app.add_typer(audit.app, name="audit")
 app.add_typer(retention.app, name="retention")
 app.add_typer(backup.app, name="backup")
+app.add_typer(visits.app, name="visits")
 app.add_typer(models.app, name="models")
 
 

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     audit_match_retention_days: int = Field(default=90, gt=0)
     audit_retention_days: int = Field(default=365, gt=0)
 
+    # --- visits and retention of faces (docs/configuration.md, "Visits and retention") ---
+    visits_retention_days: int = Field(default=30, gt=0, le=3650)
+    visits_flush_interval: float = Field(default=1.0, gt=0, le=60)
+    visits_buffer_size: int = Field(default=100_000, ge=100)
+    subject_retention_days: int | None = Field(default=730, gt=0)
+
     # --- keys ---
     key_provider: Literal["vault", "local"] = "local"
     vault_addr: str = "http://127.0.0.1:8200"

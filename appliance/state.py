@@ -24,6 +24,7 @@ from appliance.matching import IndexService
 from appliance.readiness import Readiness
 from appliance.settings import Settings
 from appliance.subject_keys import SubjectKeys
+from appliance.visits import VisitRecorder
 from crypto.dek_cache import DekCache
 from crypto.providers.base import KeyProvider
 from media.retention import Retention
@@ -71,6 +72,7 @@ class AppState:
     _audit: AuditLog | None = None
     _media: MediaService | None = None
     _readiness: Readiness | None = None
+    _visits: VisitRecorder | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     @classmethod
@@ -153,6 +155,17 @@ class AppState:
         return self._media
 
     @property
+    def visits(self) -> VisitRecorder:
+        """The visit buffer the match path folds results into; its writer starts with the API."""
+        if self._visits is None:
+            with self._lock:
+                if self._visits is None:
+                    s = self.settings
+                    self._visits = VisitRecorder(self.pool, flush_interval=s.visits_flush_interval,
+                                                 buffer_size=s.visits_buffer_size)
+        return self._visits
+
+    @property
     def readiness(self) -> Readiness:
         """One probe per backing server, each on a thread of its own (``GET /readyz``)."""
         if self._readiness is None:
@@ -166,6 +179,8 @@ class AppState:
 
         ``checkpoint``: sign the audit chain heads on the way out (the API does; CLI commands leave it
         to the API's next periodic checkpoint)."""
+        if self._visits is not None:
+            self._visits.stop()
         if self._audit is not None:
             self._audit.stop(checkpoint=checkpoint)
         if self._media is not None:

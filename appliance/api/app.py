@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from appliance import __version__
-from appliance.api import audit, enrol, gdpr, health, keys, match, media, models, openapi, problems, subjects
+from appliance.api import audit, enrol, gdpr, health, keys, match, media, models, openapi, problems, subjects, visits
 from appliance.api.middleware import DenialAudit, RequestContext
 from appliance.calibration import ThresholdRefresher
 from appliance.gdpr.erasure import resume_in_background
@@ -59,6 +59,7 @@ def _start(state: AppState) -> None:
     except Exception as exc:  # PostgreSQL may be down at start; the default partition catches rows meanwhile
         log.warning("audit: could not ensure partitions", error=str(exc))
     audit_log.start()
+    state.visits.start()  # its first batch creates the day partitions it needs
     upgrade_in_background(state)
     resume_in_background(state)
 
@@ -91,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The router tries routes in this order: the match routes, the hot path, come first. The document
     # lists its sections in the order of ``TAGS``.
     for router in (match.router, health.router, keys.router, models.router, subjects.router, enrol.router,
-                   media.router, audit.router, gdpr.router):
+                   media.router, audit.router, visits.router, gdpr.router):
         app.include_router(router)
     openapi.install(app)
     # Middlewares, innermost first (each add wraps the previous ones).

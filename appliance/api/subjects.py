@@ -18,9 +18,9 @@ from appliance.api.deps import EnrollKey, StateDep
 from appliance.api.openapi import problems
 from appliance.audit import AuditEvent
 from appliance.enrolment import external_ref_aad, label_aad
-from appliance.errors import Conflict, Gone, NotFound
+from appliance.errors import Conflict, Gone, NotFound, Unprocessable
 from appliance.state import AppState
-from appliance.types import SafeText
+from appliance.types import IsoDatetime, SafeText
 from crypto.seal import open_sealed, seal
 
 router = APIRouter(prefix="/v1", tags=["subjects"])
@@ -35,9 +35,14 @@ class SubjectCreate(BaseModel):
 
 
 class SubjectPatch(BaseModel):
+    """Only the fields sent change; at least one is needed."""
+
     model_config = ConfigDict(extra="forbid")
 
-    label: SafeText | None = Field(max_length=200, description="New display label; null clears it.")
+    label: SafeText | None = Field(default=None, max_length=200, description="New display label; null clears it.")
+    retain_until: IsoDatetime | None = Field(
+        default=None, description="Erase this subject's faces after this time (e.g. when consent ends), instead "
+        "of subject_retention_days after its last enrolment or recognition; null restores that rule.")
 
 
 class Subject(BaseModel):
@@ -48,6 +53,8 @@ class Subject(BaseModel):
     encoding_count: int
     created_at: datetime
     updated_at: datetime
+    retain_until: datetime | None = Field(default=None, description="Per-subject retention override, if set.")
+    last_seen_at: datetime | None = Field(default=None, description="Last accepted match (updated in batches).")
 
 
 class SubjectPage(BaseModel):
@@ -64,7 +71,8 @@ def _audit(state: AppState, conn: psycopg.Connection, action: str, request: Requ
 
 
 _SELECT = """SELECT s.id, s.external_ref, s.label_sealed, s.state, s.created_at, s.updated_at,
-                    (SELECT count(*) FROM encodings e WHERE e.subject_id = s.id), s.external_ref_sealed
+                    (SELECT count(*) FROM encodings e WHERE e.subject_id = s.id), s.external_ref_sealed,
+                    s.retain_until, s.last_seen_at
              FROM subjects s"""
 
 
@@ -79,7 +87,7 @@ def _subject(state: AppState, conn: psycopg.Connection, row: tuple[Any, ...], wi
         if row[7] is not None:
             ref = open_sealed(key.dek, bytes(row[7]), external_ref_aad(row[0])).decode()
     return Subject(id=row[0], external_ref=ref, label=label, state=row[3], encoding_count=row[6],
-                   created_at=row[4], updated_at=row[5])
+                   created_at=row[4], updated_at=row[5], retain_until=row[8], last_seen_at=row[9])
 
 
 @router.post("/subjects", response_model=Subject, status_code=status.HTTP_201_CREATED, summary="Create a subject",
@@ -142,7 +150,8 @@ def list_subjects(
     return SubjectPage(items=items, next_after=items[-1].id if len(rows) > limit else None)
 
 
-@router.patch("/subjects/{subject_id}", response_model=Subject, summary="Change the display label",
+@router.patch("/subjects/{subject_id}", response_model=Subject,
+              summary="Change the display label and/or the retention override (retain_until)",
               responses=problems(409, 410))
 def patch_subject(subject_id: uuid.UUID, body: SubjectPatch, request: Request, _: EnrollKey,
                   state: StateDep) -> Subject:
@@ -154,11 +163,24 @@ def patch_subject(subject_id: uuid.UUID, body: SubjectPatch, request: Request, _
             raise Gone(f"subject {subject_id} has been erased")
         if row[0] != "active":
             raise Conflict(f"subject {subject_id} is being erased")
-        sealed = None
-        if body.label is not None:
-            key = state.subject_keys.get_or_create(conn, subject_id)
-            sealed = seal(key.dek, body.label.encode(), label_aad(subject_id))
-        conn.execute("UPDATE subjects SET label_sealed = %s, updated_at = now() WHERE id = %s", (sealed, subject_id))
-        _audit(state, conn, "subject.update", request, subject_id, label_set=body.label is not None)
+        sent = body.model_fields_set
+        if not sent:
+            raise Unprocessable("send at least one of label, retain_until")
+        if "retain_until" in sent and body.retain_until is not None and body.retain_until.tzinfo is None:
+            raise Unprocessable("retain_until needs a time zone (e.g. 2028-01-31T00:00:00Z)")
+        if "label" in sent:
+            sealed = None
+            if body.label is not None:
+                key = state.subject_keys.get_or_create(conn, subject_id)
+                sealed = seal(key.dek, body.label.encode(), label_aad(subject_id))
+            conn.execute("UPDATE subjects SET label_sealed = %s, updated_at = now() WHERE id = %s",
+                         (sealed, subject_id))
+        if "retain_until" in sent:
+            conn.execute("UPDATE subjects SET retain_until = %s, updated_at = now() WHERE id = %s",
+                         (body.retain_until, subject_id))
+        details: dict[str, Any] = {"label_set": body.label is not None} if "label" in sent else {}
+        if "retain_until" in sent:
+            details["retain_until"] = body.retain_until.isoformat() if body.retain_until else None
+        _audit(state, conn, "subject.update", request, subject_id, **details)
         found = conn.execute(_SELECT + " WHERE s.id = %s", (subject_id,)).fetchone()
         return _subject(state, conn, found, with_label=True)

@@ -203,6 +203,7 @@ def _tombstone(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -
 
 
 def _delete_data(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> None:
+    from appliance.visits.queries import delete_subject_visits
     from media.retention import delete_subject_media
 
     sid = job["subject_id"]
@@ -218,7 +219,9 @@ def _delete_data(state: AppState, job: dict[str, Any], progress: dict[str, Any])
                                      "GROUP BY model", (sid,)).fetchall())
         object_keys = sorted(delete_subject_media(state.media.store, conn, sid))
         encodings = conn.execute("DELETE FROM encodings WHERE subject_id = %s RETURNING id", (sid,)).fetchall()
+        visits = delete_subject_visits(conn, sid)  # a visit written later cannot name them (appliance.visits)
         _complete(conn, job, progress, "delete_data", encodings=len(encodings), media_rows=int(media_rows),
+                  visits=visits,
                   object_keys=object_keys, template_versions=progress.get("template_versions") or versions)
 
 
@@ -346,6 +349,7 @@ def build_receipt(job: dict[str, Any], progress: dict[str, Any]) -> dict[str, An
             "encodings": progress.get("encodings", 0),
             "index_labels": progress.get("labels", []),
             "media_rows": progress.get("media_rows", 0),
+            "visits": progress.get("visits", 0),
             "object_keys": progress.get("object_keys", []),
             "object_versions": "all versions of each object key",
             "subject_key_id": progress.get("subject_key_id"),
@@ -380,6 +384,7 @@ def _receipt(state: AppState, job: dict[str, Any], progress: dict[str, Any]) -> 
             "subject.erase", progress.get("actor", "system:erasure"), subject_id=job["subject_id"],
             object_id=str(job["id"]), request_id=job["request_id"],
             details={"encodings": destroyed["encodings"], "media_rows": destroyed["media_rows"],
+                     "visits": destroyed["visits"],
                      "objects": len(destroyed["object_keys"]), "key_id": destroyed["subject_key_id"]}))
 
 

@@ -1,7 +1,8 @@
 """The access/portability export: one signed zip of everything the appliance holds about a subject.
 
 Contents: ``subject.json`` (metadata, decrypted label), ``encodings.json`` (decrypted raw vectors),
-``media/<id>.<ext>`` (decrypted captures and thumbnails), ``audit.jsonl`` (every audit record naming
+``visits.json`` (every visit naming the subject), ``media/<id>.<ext>`` (decrypted captures and
+thumbnails), ``audit.jsonl`` (every audit record naming
 the subject, with its chain hashes), then ``manifest.json`` (SHA-256 of each file) and
 ``signature.json`` (Ed25519 over the manifest's canonical JSON, the key id and the public key PEM).
 
@@ -107,6 +108,7 @@ def _gather(state: AppState, conn: Any, subject_id: uuid.UUID, actor: str,
             request_id: str | None) -> tuple[Any, dict[str, Any], list[dict[str, Any]], list[Any], bytes | None]:
     """Check, audit and read everything (raising before any byte is sent)."""
     from appliance.enrolment import encoding_aad, external_ref_aad, label_aad
+    from appliance.visits.queries import subject_visits
     from crypto.seal import open_sealed
 
     cur = conn.cursor(row_factory=dict_row)
@@ -130,13 +132,19 @@ def _gather(state: AppState, conn: Any, subject_id: uuid.UUID, actor: str,
                           "vector": np.frombuffer(raw, "<f4").astype(float).tolist()})
     media = cur.execute("SELECT * FROM media WHERE subject_id = %s ORDER BY created_at, id",
                         (subject_id,)).fetchall()
+    meta_visits = subject_visits(conn, subject_id)
     state.audit.record(conn, AuditEvent(
         "subject.export", actor, subject_id=subject_id, request_id=request_id,
-        details={"encodings": len(encodings), "media": len(media)}))
+        details={"encodings": len(encodings), "media": len(media), "visits": len(meta_visits)}))
     meta = {
         "id": str(subject_id), "external_ref": external_ref, "label": label, "state": subject["state"],
         "created_at": ts_text(subject["created_at"]), "updated_at": ts_text(subject["updated_at"]),
         "erased_at": ts_text(subject["erased_at"]) if subject["erased_at"] else None,
+        "retain_until": ts_text(subject["retain_until"]) if subject["retain_until"] else None,
+        "last_seen_at": ts_text(subject["last_seen_at"]) if subject["last_seen_at"] else None,
+        "visits": [{**v, "id": str(v["id"]), "subject_id": str(v["subject_id"]),
+                    "first_seen": ts_text(v["first_seen"]), "last_seen": ts_text(v["last_seen"])}
+                   for v in meta_visits],
     }
     return subject, meta, encodings, media, dek
 
@@ -151,8 +159,10 @@ def _stream(state: AppState, subject_id: uuid.UUID, meta: dict[str, Any], encodi
             files[name] = hashlib.sha256(data).hexdigest()
             zf.writestr(name, data)
 
+        visits = meta.pop("visits", [])
         put("subject.json", json.dumps(meta, indent=2).encode())
         put("encodings.json", json.dumps(encodings).encode())
+        put("visits.json", json.dumps(visits, indent=2).encode())
         yield sink.take()
         media_list = []
         for row in media:
