@@ -31,6 +31,8 @@ def serve(
     import uvicorn
 
     settings = load_settings()
+    n = workers or settings.workers
+    os.environ["APPLIANCE_WORKERS"] = str(n)  # each worker's settings know it has siblings (track_store "auto")
     uvicorn.run(
         "appliance.api.app:create_app",
         factory=True,
