@@ -38,7 +38,7 @@ def serve(
         factory=True,
         host=settings.host,
         port=port or settings.port,
-        workers=workers or settings.workers,
+        workers=n,
         log_config=None,
         access_log=False,
         proxy_headers=False,
