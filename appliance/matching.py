@@ -21,7 +21,9 @@ from typing import Any
 
 import faiss
 import numpy as np
+import psycopg
 import redis
+from psycopg_pool import PoolTimeout
 
 from appliance.logs import get_logger
 from crypto.template import TemplateKey
@@ -64,6 +66,7 @@ class MatchResult:
     index_version: str
     margin: float | None = None  # best similarity minus the best *other* subject's; None with < 2 subjects
     track: TrackDecision | None = None  # the fused track answer; None when the request had no track_id
+    path: str = "hot"  # "hot": this process's index; "cold": PostgreSQL, while that index warms
 
     @property
     def best(self) -> Candidate | None:
@@ -80,6 +83,8 @@ class ServiceConfig:
     warm_threads: int = 2
     tombstone_file: Path | None = None
     redis_probe: bool = False
+    cold_timeout: float = 2.0  # seconds per cold-path query while an index warms; 0: answer 503 instead
+    warm_gate: threading.Event | None = None  # tests: warm-up waits for it (to observe the cold path)
 
     @classmethod
     def from_settings(cls, settings: Any) -> ServiceConfig:
@@ -87,6 +92,7 @@ class ServiceConfig:
             params=IndexParams(
                 exact_max=settings.index_exact_max, hnsw_m=settings.index_hnsw_m,
                 ef_construction=settings.index_hnsw_ef_construction, ef_search=settings.index_hnsw_ef_search,
+                recall_target=settings.index_hnsw_recall_target,
                 rebuild_dead_fraction=settings.index_rebuild_dead_fraction,
             ),
             snapshot_dir=settings.index_snapshot_dir or Path(settings.var_dir) / "index",
@@ -94,6 +100,7 @@ class ServiceConfig:
             resync_interval=settings.index_resync_interval,
             tombstone_file=tombstone_file(settings),
             redis_probe=settings.index_redis_tombstone_probe,
+            cold_timeout=settings.index_cold_timeout,
         )
 
 
@@ -131,6 +138,7 @@ class IndexService:
         self.on_threshold: Callable[[str], None] | None = None  # a "threshold" feed message arrived
         self.tracks = track_store(settings, redis_client)
         self.models: dict[str, ModelIndex] = {}
+        self._cold: dict[str, tuple[int, TemplateKey]] = {}  # model -> (version, key) for the cold path
         self.dead: set[int] = set()  # read lock-free on the match path; changed only under _dead_lock
         self._dead_lock = threading.Lock()
         self.template_keys: TemplateKeys | None = None
@@ -210,7 +218,7 @@ class IndexService:
         if mi is None:
             if model not in self.dims:
                 raise UnknownModel(f"unknown model {model!r}")
-            raise IndexNotReady(f"the index of {model!r} is warming up")
+            return self._match_cold(model, vectors, k, threshold)
         threshold = self.thresholds[model] if threshold is None else threshold
         queries = mi.key.protect_query(vectors)  # validated by the caller (vector.templates)
         local = self.local_tombstones
@@ -230,6 +238,56 @@ class IndexService:
             self.add_tombstones(fresh)
         return [MatchResult("match" if cands and cands[0].similarity >= threshold else "unknown",
                             cands, threshold, mi.index_version) for cands in found]
+
+    def _match_cold(self, model: str, vectors: np.ndarray, k: int, threshold: float | None) -> list[MatchResult]:
+        """While the model's hot index warms (minutes at 1M without a snapshot): exact search in
+        PostgreSQL over the protected templates of active subjects, tombstoned labels excluded, answered
+        with ``path="cold"``. 503 until the template key is known, or when the query does not finish
+        within ``cold_timeout``."""
+        cold = self._cold.get(model)
+        if cold is None or self.config.cold_timeout <= 0:
+            raise IndexNotReady(f"the index of {model!r} is warming up")
+        version, key = cold
+        threshold = self.thresholds[model] if threshold is None else threshold
+        queries = key.protect_query(vectors)
+        local = self.local_tombstones
+        if local is not None and local.changed():
+            self.add_tombstones(local.read_new())
+        timeout_ms = int(self.config.cold_timeout * 1000)
+        results: list[MatchResult] = []
+        try:
+            with self.pool.connection(timeout=self.config.cold_timeout) as conn:
+                for query in queries:
+                    width = k * self.config.oversample + 8
+                    while True:
+                        rows, seq = store.search_active(conn, model, self.dims[model], version, query, width,
+                                                        self.dead_labels(), timeout_ms)
+                        cands = self._cold_candidates(rows, k)
+                        if len(cands) >= k or len(rows) < width:
+                            break
+                        width *= 4  # several encodings per subject: look further down
+                    results.append(MatchResult("match" if cands and cands[0].similarity >= threshold else "unknown",
+                                               cands, threshold, f"{version}.{seq}", path="cold"))
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise IndexNotReady(f"the index of {model!r} is warming up and PostgreSQL did not answer in time "
+                                f"({type(exc).__name__})") from None
+        return results
+
+    def _cold_candidates(self, rows: list[tuple[int, bytes, bytes, float]], k: int) -> list[Candidate]:
+        """Rows best first -> one candidate per subject, never a tombstoned label (tombstones added since
+        the query was sent, e.g. by the Redis probe, are checked here)."""
+        fresh = self._remote_tombstones([r[0] for r in rows])
+        if fresh:
+            self.add_tombstones(fresh)
+        dead, seen, out = self.dead, set(), []
+        for label, subject, encoding, sim in rows:
+            if label in dead or subject in seen:
+                continue
+            seen.add(subject)
+            out.append(Candidate(subject, encoding, label, min(1.0, max(-1.0, sim))))
+            if len(out) == k:
+                break
+        return out
 
     def _remote_tombstones(self, labels: list[int]) -> list[int]:
         """Labels tombstoned in Redis that this process has not heard of yet (feed behind)."""
@@ -279,6 +337,9 @@ class IndexService:
         with self.pool.connection() as conn:
             version = self.template_keys.ensure_model(conn, model, dim)
             key = self.template_keys.get(conn, model, version)
+        self._cold[model] = (version, key)  # matches are answered from PostgreSQL until the index is warm
+        if self.config.warm_gate is not None:
+            self.config.warm_gate.wait()
         mi = self._from_snapshot(model, dim, version, key)
         if mi is None:
             with self.pool.connection() as conn, conn.transaction():

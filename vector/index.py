@@ -18,8 +18,8 @@ own copy (FAISS cannot grow a borrowed array). Large arrays are backed by huge p
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import faiss
@@ -95,8 +95,85 @@ class IndexParams:
     exact_max: int = 20_000  # above this many live vectors, HNSW instead of exact search
     hnsw_m: int = 16  # 1M x 128-d: 512 MB vectors + ~130 MB links
     ef_construction: int = 40  # insert cost ~1 ms/vector on one core: enrolment speed depends on it
-    ef_search: int = 96
+    ef_search: int | None = None  # None: measured per index (``tune_ef_search``); a number overrides
+    recall_target: float = 0.99  # recall@1 (per subject) the measured ef_search must reach
     rebuild_dead_fraction: float = 0.1
+
+
+EF_STEPS = (32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024)
+TUNE_QUERIES = 400
+RETUNE_GROWTH = 1.25  # re-measure once the index has grown by this factor since it was last measured
+
+
+def tune_ef_search(index: faiss.IndexHNSW, subjects: np.ndarray, target: float, queries: int = TUNE_QUERIES,
+                   seed: int = 0, hold: Callable[[], AbstractContextManager[object]] = nullcontext,
+                   ) -> tuple[int, float]:
+    """The smallest HNSW search breadth whose recall@1 (per subject) reaches ``target`` on probes made
+    from the index's own data, plus one step of headroom; returns (ef_search, recall measured with it).
+
+    Why measured, not a constant: the breadth HNSW needs grows with the number of vectors and depends
+    on how they cluster (issue 19: 96 gave recall@1 0.965 at 1M clustered vectors, 1.0 at 100k).
+    Probes stand for a new capture of an enrolled person: a stored vector moved, in a random
+    direction, by the distance to its own nearest stored neighbour (a fresh sample is about that far
+    from the samples already enrolled). The truth is exact search over the first ``len(subjects)``
+    stored vectors; a probe counts as found when HNSW's best hit belongs to the subject of the exact
+    best hit. A few hundred probes estimate recall to about a percent, hence the step of headroom.
+    ``hold`` is entered around every read of the index (the index's read lock when it is live), in
+    slices short enough that a waiting writer, and the searches queued behind it, wait little.
+    """
+    n = int(subjects.shape[0])
+    if n == 0:
+        return EF_STEPS[0], 1.0
+    d = index.d
+
+    def stored() -> np.ndarray:  # fetched under ``hold`` each time: an add may move FAISS's array
+        storage = faiss.downcast_index(index.storage)
+        return faiss.rev_swig_ptr(storage.codes.data(), n * d * 4).view(np.float32).reshape(n, d)
+
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(n, size=min(queries, n), replace=False))
+    with hold():
+        base = stored()[picks].copy()
+    sims, _ = _exact(base, 2, n, stored, hold)
+    # Distance to the nearest *other* stored vector (the best hit is the vector itself, or a duplicate)
+    gap = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims[:, 1])).astype(np.float32)
+    noise = rng.standard_normal(base.shape).astype(np.float32)
+    noise *= (gap / np.maximum(np.linalg.norm(noise, axis=1), 1e-12))[:, None]
+    probes = base + noise
+    probes /= np.maximum(np.linalg.norm(probes, axis=1, keepdims=True), 1e-12)
+    _, exact = _exact(probes, 1, n, stored, hold)
+    truth = subjects[exact[:, 0]]
+    params = faiss.SearchParametersHNSW()
+
+    def recall(ef: int) -> float:
+        params.efSearch = ef
+        hits = np.empty(len(probes), np.int64)
+        for start in range(0, len(probes), 50):
+            with hold():
+                _, got = index.search(probes[start : start + 50], 1, params=params)
+            hits[start : start + 50] = got[:, 0]
+        ok = (hits >= 0) & (hits < n)
+        ok[ok] = (subjects[hits[ok]] == truth[ok]).all(axis=1)
+        return float(ok.mean())
+
+    for i, ef in enumerate(EF_STEPS):
+        if recall(ef) >= target or i == len(EF_STEPS) - 1:
+            headroom = EF_STEPS[min(i + 1, len(EF_STEPS) - 1)]
+            return headroom, recall(headroom)
+    raise AssertionError("unreachable")
+
+
+def _exact(queries: np.ndarray, k: int, n: int, stored: Callable[[], np.ndarray],
+           hold: Callable[[], AbstractContextManager[object]], block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products over the first n stored vectors, one block per ``hold``."""
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        with hold():
+            sims, pos = faiss.knn(queries, stored()[start:stop], min(k, stop - start), faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(sims, np.where(pos >= 0, pos + start, -1))
+    heap.finalize()
+    return heap.D, heap.I
 
 
 @dataclass
@@ -127,6 +204,10 @@ class HotIndex:
         self._dead_count = 0
         self._selector: faiss.IDSelector | None = None
         self._params: dict[int, faiss.SearchParameters] = {}  # by k; cleared whenever index or selector change
+        self._ef = self.params.ef_search or EF_STEPS[3]  # HNSW search breadth: measured by ``tune`` unless set
+        self._tuned_at = 0  # vectors in the index when ``_ef`` was last measured
+        self.tuned_recall: float | None = None  # recall@1 the measured breadth reached on its probes
+        self._tuning = threading.Lock()
 
     # --- reading --------------------------------------------------------------------------
     @property
@@ -178,7 +259,7 @@ class HotIndex:
         """Built once per k and selector (SWIG objects cost more to make than a small search)."""
         if isinstance(self._faiss, faiss.IndexHNSWFlat):
             params = faiss.SearchParametersHNSW()
-            params.efSearch = max(self.params.ef_search, k)
+            params.efSearch = max(self._ef, k)
         else:
             params = faiss.SearchParameters()
         if self._selector is not None:
@@ -188,7 +269,12 @@ class HotIndex:
     def search_width(self, k: int) -> int:
         """Hits worth asking for when k are wanted: HNSW visits ``ef_search`` nodes anyway, so asking for
         that many costs no more and spares a second search when de-duplication drops hits."""
-        return max(k, self.params.ef_search) if self.kind == "hnsw" else k
+        return max(k, self._ef) if self.kind == "hnsw" else k
+
+    @property
+    def ef_search(self) -> int:
+        """The HNSW search breadth in use (measured by ``tune``, or the configured override)."""
+        return self._ef
 
     def memory_bytes(self) -> int:
         """Approximate resident bytes of this index: vectors, HNSW links and the metadata arrays."""
@@ -204,6 +290,36 @@ class HotIndex:
         with self._lock.read():
             live = ~self._dead_mask(self._n)
             return self._labels[: self._n][live].copy()
+
+    # --- search breadth ---------------------------------------------------------------------
+    def tune(self) -> bool:
+        """Measure the HNSW breadth this index needs for ``params.recall_target`` (``tune_ef_search``),
+        unless an explicit ``ef_search`` is configured. Searches go on meanwhile (the index is read in
+        short slices). Returns False if there was nothing to do or a measurement was already running."""
+        if self.params.ef_search is not None or not self._tuning.acquire(blocking=False):
+            return False
+        try:
+            with self._lock.read():
+                index, keep, subjects = self._faiss, self._borrowed, self._subjects[: self._n].copy()
+            if not isinstance(index, faiss.IndexHNSWFlat):
+                return False
+            ef, recall = tune_ef_search(index, subjects, self.params.recall_target, hold=self._lock.read)
+            del keep  # held so a borrowed index's buffer outlives the measurement
+            with self._lock.write():
+                if self._faiss is index:  # not swapped by a rebuild meanwhile (which measured its own)
+                    self._set_ef(ef, len(subjects), recall)
+            return True
+        finally:
+            self._tuning.release()
+
+    def needs_tuning(self) -> bool:
+        """An HNSW index with a measured breadth that has grown by ``RETUNE_GROWTH`` since it was measured."""
+        return (self.params.ef_search is None and self.kind == "hnsw" and not self._tuning.locked()
+                and self._n >= RETUNE_GROWTH * max(self._tuned_at, 1))
+
+    def _set_ef(self, ef: int, at: int, recall: float | None) -> None:
+        self._ef, self._tuned_at, self.tuned_recall = ef, at, recall
+        self._params = {}
 
     # --- writing --------------------------------------------------------------------------
     ADD_SLICE = 32  # rows per write-lock hold: an HNSW insert is ~1 ms, searches must not wait long
@@ -230,6 +346,8 @@ class HotIndex:
                 self._faiss.add(np.ascontiguousarray(part.templates, dtype=np.float32))
                 self._n = need
         self._advise_huge_pages()  # FAISS may have moved its arrays to grow them
+        if self.needs_tuning():
+            threading.Thread(target=self.tune, name="index-tune", daemon=True).start()
 
     def delete(self, labels: np.ndarray | list[int]) -> int:
         """Exclude these labels from every later search; returns how many were live here."""
@@ -274,6 +392,9 @@ class HotIndex:
                 fresh.add(vectors)
             del vectors
             _advise_faiss(fresh, collapse=True)  # this thread is off the match path
+            tuned = None
+            if self.params.ef_search is None and isinstance(fresh, faiss.IndexHNSWFlat):
+                tuned = tune_ef_search(fresh, meta[1], self.params.recall_target)  # not yet searched: no lock
             with self._lock.write():
                 n1 = self._n
                 keep_tail = ~self._dead_mask(n1)[n0:]
@@ -291,6 +412,8 @@ class HotIndex:
                     np.bitwise_or.at(self._dead, gone >> 3, (1 << (gone & 7)).astype(np.uint8))
                 self._dead_count = int(gone.size)
                 self._refresh_selector()
+                if tuned is not None:
+                    self._set_ef(tuned[0], len(meta[1]), tuned[1])
         finally:
             self._rebuild_lock.release()
         return True
@@ -313,9 +436,10 @@ class HotIndex:
 
     @classmethod
     def from_parts(cls, dim: int, parts: dict[str, np.ndarray], params: IndexParams | None = None,
-                   borrow: bool = False) -> HotIndex:
+                   borrow: bool = False, tuned: tuple[int, int] | None = None) -> HotIndex:
         """The index ``to_parts`` described. ``borrow``: FAISS reads ``parts["faiss"]`` in place and the
-        metadata arrays are used as they are (the snapshot loader's fresh buffer), instead of copies."""
+        metadata arrays are used as they are (the snapshot loader's fresh buffer), instead of copies.
+        ``tuned``: (ef_search, size it was measured at) saved with the parts; measured now if absent."""
         index = cls(dim, params)
         data = np.ascontiguousarray(parts["faiss"], dtype=np.uint8)
         if borrow:
@@ -336,6 +460,11 @@ class HotIndex:
         index._dead[: len(parts["dead"])] = parts["dead"]
         index._dead_count = int(np.unpackbits(index._dead, bitorder="little")[: index._n].sum())
         index._refresh_selector()
+        if index.params.ef_search is None and index.kind == "hnsw":
+            if tuned is not None:
+                index._set_ef(int(tuned[0]), int(tuned[1]), None)
+            else:
+                index.tune()
         return index
 
     @classmethod
@@ -349,7 +478,12 @@ class HotIndex:
             index._faiss.add(np.ascontiguousarray(batch.templates, dtype=np.float32))  # one call: OpenMP-parallel
         index._n = len(batch)
         _advise_faiss(index._faiss, collapse=True)  # warm-up or rotation: not on the match path
+        index.tune()  # before the index is shared: nothing waits on it
         return index
+
+    def tuning_state(self) -> tuple[int, int]:
+        """(ef_search, size it was measured at), saved in snapshots so a restart need not measure again."""
+        return self._ef, self._tuned_at
 
     # --- internals ------------------------------------------------------------------------
     def _own(self) -> None:
@@ -375,7 +509,7 @@ class HotIndex:
             return faiss.IndexFlatIP(self.dim)
         index = faiss.IndexHNSWFlat(self.dim, self.params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = self.params.ef_construction
-        index.hnsw.efSearch = self.params.ef_search
+        index.hnsw.efSearch = self._ef
         return index
 
     def _vectors(self, start: int, stop: int) -> np.ndarray:

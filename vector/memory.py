@@ -51,6 +51,19 @@ def advise_huge_pages(array: np.ndarray, collapse: bool = False) -> None:
         libc.madvise(start, end - start, _MADV_COLLAPSE)
 
 
+def release_free_heap() -> bool:
+    """Give the C heap's free pages back to the kernel (glibc ``malloc_trim``); True if any were returned.
+
+    Warming 1M templates from PostgreSQL allocates and frees ~1 GB in pieces of up to a few MB (COPY
+    chunks, parsed rows, the HNSW build's scratch); glibc keeps freed pieces below its mmap threshold in
+    its heaps (one arena per thread) for reuse, so the process stays that much larger than the index
+    it now holds. Call after a warm-up or rebuild, off the match path (it walks every arena)."""
+    libc = _load_libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    return bool(libc.malloc_trim(0))
+
+
 def _load_libc() -> ctypes.CDLL | None:
     """libc's ``madvise`` (already loaded into the interpreter); None off Linux."""
     global _libc
@@ -58,4 +71,7 @@ def _load_libc() -> ctypes.CDLL | None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _libc.madvise.restype = ctypes.c_int
+        if hasattr(_libc, "malloc_trim"):  # glibc only
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            _libc.malloc_trim.restype = ctypes.c_int
     return _libc

@@ -41,9 +41,11 @@ def save(path: Path, index: HotIndex, provider: KeyProvider, *, model: str, vers
     layout = [{"name": n, "dtype": parts[n].dtype.str, "shape": list(parts[n].shape)} for n in _PARTS]
     dek = new_dek()
     wrapped = provider.wrap(dek, _context(model))
+    ef_search, tuned_at = index.tuning_state()
     header = json.dumps({
         "model": model, "version": version, "feed_seq": feed_seq, "dim": index.dim, "kind": index.kind,
         "wrapped_dek": base64.b64encode(wrapped).decode(), "parts": layout,
+        "ef_search": ef_search, "tuned_at": tuned_at,
     }, sort_keys=True).encode()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -97,6 +99,7 @@ def load(path: Path, provider: KeyProvider, params: IndexParams | None = None) -
         parts[spec["name"]] = np.frombuffer(plain, dtype, size // dtype.itemsize, offset).reshape(spec["shape"])
         offset += size
     try:
-        return HotIndex.from_parts(int(meta["dim"]), parts, params, borrow=True), meta
+        tuned = (int(meta["ef_search"]), int(meta["tuned_at"])) if meta.get("tuned_at") else None
+        return HotIndex.from_parts(int(meta["dim"]), parts, params, borrow=True, tuned=tuned), meta
     except (ValueError, RuntimeError) as exc:
         raise SnapshotError(f"snapshot {path} is inconsistent: {exc}") from None

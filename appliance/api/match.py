@@ -16,7 +16,7 @@ themselves (JSON or raw float32) and format the reply directly.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -73,6 +73,8 @@ class MatchResponse(BaseModel):
     threshold: float
     candidates: list[CandidateOut]
     index_version: str
+    path: Literal["hot", "cold"] = Field(description='"hot": this worker\'s in-memory index; "cold": exact search '
+                                         "in PostgreSQL, answered while that index is still warming.")
 
 
 class MatchBatchResponse(BaseModel):
@@ -161,7 +163,8 @@ def render(r: MatchResult) -> str:
     subject = f'"{uuid_text(best.subject)}"' if best else "null"
     similarity = repr(round(cands[0].similarity, 6)) if cands else "null"
     return (f'{{"decision":"{r.decision}","subject_id":{subject},"similarity":{similarity},'
-            f'"threshold":{float(r.threshold)!r},"candidates":[{items}],"index_version":"{r.index_version}"}}')
+            f'"threshold":{float(r.threshold)!r},"candidates":[{items}],"index_version":"{r.index_version}",'
+            f'"path":"{r.path}"}}')
 
 
 def answer(state: AppState, key: ApiKey, ctype: str, query: str, body: bytes, batch: bool,
@@ -181,7 +184,7 @@ def answer(state: AppState, key: ApiKey, ctype: str, query: str, body: bytes, ba
             request_id=request_id,
             details={"model": opts.model, "k": opts.k, "similarity": round(best.similarity, 4) if best else None,
                      "threshold": r.threshold, "camera_id": opts.camera_id, "track_id": opts.track_id,
-                     "index_version": r.index_version, "candidates": len(r.candidates)},
+                     "index_version": r.index_version, "candidates": len(r.candidates), "path": r.path},
         ))
     if batch:
         return ('{"results":[' + ",".join(render(r) for r in results) + "]}").encode()

@@ -192,3 +192,73 @@ def test_fast_and_slow_de_duplication_agree() -> None:
         fast = best_per_subject(hits, 0, k, set())
         slow = _best_per_subject_slow(hits, 0, hits.labels[0].tolist(), k, set())
         assert fast == slow, trial
+
+
+# --- search breadth measured from the index (issue 19 item 5) ------------------------------------------
+
+
+def _clustered(n: int, dim: int, seed: int, per: int = 10, spread: float = 0.35) -> tuple[TemplateBatch, np.ndarray]:
+    """Identities = random centres, samples = centre + noise (like bench/common.identities); returns the
+    batch (subject = identity) and the centres, from which fresh probes are drawn."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n // per, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    ident = np.repeat(np.arange(n // per), per)
+    x = centres[ident] + rng.standard_normal((n, dim)).astype(np.float32) * (spread / np.sqrt(dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    subjects = uuids_to_bytes([uuid.UUID(int=1 + int(i)) for i in ident])
+    return TemplateBatch(np.arange(1, n + 1, dtype=np.int64), subjects, subjects.copy(), x), centres
+
+
+def _fresh_recall(index: HotIndex, batch: TemplateBatch, centres: np.ndarray, ef: int, seed: int = 99) -> float:
+    """Recall@1 per subject of new captures (not the probes the index measured itself with) against exact search."""
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    dim = centres.shape[1]
+    noise = rng.standard_normal((1000, dim)).astype(np.float32) * (0.35 / np.sqrt(dim))
+    q = centres[rng.choice(len(centres), 1000)] + noise
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    _, exact = faiss.knn(q, batch.templates, 1, faiss.METRIC_INNER_PRODUCT)
+    params = faiss.SearchParametersHNSW()
+    params.efSearch = ef
+    _, got = index._faiss.search(q, 1, params=params)
+    return float((batch.subjects[got[:, 0]] == batch.subjects[exact[:, 0]]).all(axis=1).mean())
+
+
+@pytest.mark.parametrize(("m", "ef_construction"), [(16, 40), (4, 8)], ids=["default-graph", "poor-graph"])
+def test_measured_breadth_reaches_the_recall_target_on_new_captures(m: int, ef_construction: int) -> None:
+    """The breadth the index picks for itself gives recall@1 >= 0.99 on probes it never saw; a poorer graph
+    (fewer links) is measured to need a wider search, where a fixed 96 would fall short."""
+    batch, centres = _clustered(30_000, 32, seed=1)
+    index = HotIndex.build(32, batch, IndexParams(exact_max=1000, hnsw_m=m, ef_construction=ef_construction))
+    assert index.kind == "hnsw" and index.tuned_recall is not None and index.tuned_recall >= 0.99
+    assert _fresh_recall(index, batch, centres, index.ef_search) >= 0.99
+    if m == 4:
+        assert index.ef_search > 96 and _fresh_recall(index, batch, centres, 96) < 0.99
+
+
+def test_explicit_breadth_overrides_the_measurement() -> None:
+    batch, _ = _clustered(5_000, 32, seed=2)
+    index = HotIndex.build(32, batch, IndexParams(exact_max=1000, ef_search=40))
+    assert (index.ef_search, index.tuned_recall, index.tune()) == (40, None, False)
+    assert index.search_width(5) == 40
+
+
+def test_breadth_is_remeasured_after_growth_and_kept_in_snapshots(tmp_path: Path) -> None:
+    from crypto.providers.local import LocalFileProvider
+
+    batch, _ = _clustered(8_000, 32, seed=3)
+    index = HotIndex.build(32, batch.take(slice(0, 4_000)), IndexParams(exact_max=1000))
+    assert index.tuning_state()[1] == 4_000
+    index.add(batch.take(slice(4_000, 8_000)))  # doubled: measured again in the background
+    for _ in range(600):
+        if index.tuning_state()[1] == 8_000:
+            break
+        threading.Event().wait(0.05)
+    assert index.tuning_state()[1] == 8_000 and not index.needs_tuning()
+    provider = LocalFileProvider(tmp_path / "keys")
+    snapshot.save(tmp_path / "idx.snap", index, provider, model="m", version=1, feed_seq=1)
+    loaded, meta = snapshot.load(tmp_path / "idx.snap", provider, IndexParams(exact_max=1000))
+    assert loaded.tuning_state() == index.tuning_state() == (meta["ef_search"], meta["tuned_at"])
+    assert loaded.tuned_recall is None  # taken from the snapshot, not measured again

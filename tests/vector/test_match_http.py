@@ -104,8 +104,8 @@ def test_uuid_text_matches_uuid_str() -> None:
 def test_render_is_the_documented_json() -> None:
     rng = np.random.default_rng(1)
     cands = [Candidate(uuid.uuid4().bytes, uuid.uuid4().bytes, i, float(np.float32(rng.random()))) for i in range(3)]
-    for decision, threshold in (("match", 0.5), ("unknown", 0.94)):
-        r = MatchResult(decision, cands, threshold, "3.1234")
+    for decision, threshold, path in (("match", 0.5, "hot"), ("unknown", 0.94, "cold")):
+        r = MatchResult(decision, cands, threshold, "3.1234", path=path)
         got = json.loads(render(r))
         best = cands[0] if decision == "match" else None
         assert got == {
@@ -116,6 +116,7 @@ def test_render_is_the_documented_json() -> None:
             "candidates": [{"subject_id": str(c.subject_id), "encoding_id": str(c.encoding_id),
                             "similarity": round(c.similarity, 6)} for c in cands],
             "index_version": "3.1234",
+            "path": path,
         }
     empty = json.loads(render(MatchResult("unknown", [], 0.94, "1.0")))
     assert empty["candidates"] == [] and empty["subject_id"] is None and empty["similarity"] is None

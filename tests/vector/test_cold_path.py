@@ -1,0 +1,79 @@
+"""While a worker's hot index warms, matches are answered from PostgreSQL (``"path": "cold"``) through the
+same route (so with the same audit event, which carries the path), and never return a tombstoned subject;
+once warm, the same request is answered by the hot index."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from appliance.index_admin import tombstone_subject
+from appliance.matching import IndexService, ServiceConfig
+from tests.vector.conftest import MODEL, unit, wait_until
+
+
+@pytest.fixture
+def warming(ready_client, tmp_path) -> Iterator[tuple[IndexService, threading.Event]]:  # type: ignore[no-untyped-def]
+    """The API's worker swapped for one whose warm-up is held (its template key known, its index not built)."""
+    state = ready_client.app.state.appliance
+    gate = threading.Event()
+    config = ServiceConfig.from_settings(state.settings)
+    config.snapshot_dir = tmp_path / "snap"
+    config.warm_gate = gate
+    held = IndexService(state.settings, state.pool, state.redis, lambda: state.keys, config)
+    hot = state.matcher
+    held.start()
+    try:
+        assert wait_until(lambda: MODEL in held._cold, 30), held.last_error
+        state.matcher = held
+        yield held, gate
+    finally:
+        state.matcher = hot
+        gate.set()
+        held.stop(save=False)
+
+
+def _match(client, headers, v: np.ndarray) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    r = client.post("/v1/match", json={"model": MODEL, "embedding": v.tolist(), "k": 5}, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_matches_are_answered_cold_while_warming_then_hot(ready_client, match_headers, new_subject, enrol,
+                                                          warming):
+    held, gate = warming
+    state = ready_client.app.state.appliance
+    rng = np.random.default_rng(2024)
+    v, w = unit(rng, 2)
+    sid, gone = new_subject(), new_subject()
+    enrol(sid, np.stack([v, v + 0.05 * unit(rng, 1)[0]]))
+    enrol(gone, w[None, :])
+    tombstone_subject(state, uuid.UUID(gone))  # erased while this worker warms: known only from the host file
+    assert not held.ready
+
+    cold = _match(ready_client, match_headers, v)
+    assert (cold["path"], cold["decision"], cold["subject_id"]) == ("cold", "match", sid)
+    assert cold["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert len({c["subject_id"] for c in cold["candidates"]}) == len(cold["candidates"])  # one per subject
+    erased = _match(ready_client, match_headers, w)
+    assert erased["path"] == "cold" and gone not in {c["subject_id"] for c in erased["candidates"]}
+
+    gate.set()
+    assert held.wait_ready(60), held.last_error
+    hot = _match(ready_client, match_headers, v)
+    assert (hot["path"], hot["subject_id"]) == ("hot", sid)
+    assert hot["candidates"][0]["encoding_id"] == cold["candidates"][0]["encoding_id"]  # the same best encoding
+    erased = _match(ready_client, match_headers, w)
+    assert erased["path"] == "hot" and gone not in {c["subject_id"] for c in erased["candidates"]}
+
+
+def test_cold_path_off_answers_503_while_warming(ready_client, match_headers, warming):
+    held, _gate = warming
+    held.config.cold_timeout = 0
+    probe = unit(np.random.default_rng(1), 1)[0].tolist()
+    r = ready_client.post("/v1/match", json={"model": MODEL, "embedding": probe}, headers=match_headers)
+    assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
