@@ -73,9 +73,8 @@ def calibrate(
         except InsufficientData as exc:
             version = calibration.record(conn, m, actor, apply=False)  # the refused run is kept, audited
             _write(out, model, m)
-            fail(f"refused to apply: {exc}. A FAR target of {target_far:g} needs at least {exc.needed} enrolled "
-                 f"subjects with their encodings; {exc.have} are enrolled (calibration v{version} stored, "
-                 f"not applied)", code=2)
+            fail(f"refused to apply: {exc}; enrol more people or choose a higher target "
+                 f"(calibration v{version} stored, not applied)", code=2)
     png = _write(out, model, m)
     plot(m.report, png, f"{model}: {m.report.subjects} subjects, {m.report.encodings} encodings")
     chosen = m.report.chosen
