@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     index_exact_max: int = Field(default=20_000, ge=0)
     index_hnsw_m: int = Field(default=16, ge=4, le=128)
     index_hnsw_ef_construction: int = Field(default=40, ge=8)
-    index_hnsw_ef_search: int = Field(default=96, ge=8)
+    index_hnsw_ef_search: int | None = Field(default=None, ge=8)  # None: measured per index
+    index_hnsw_recall_target: float = Field(default=0.99, gt=0, lt=1)
+    index_cold_timeout: float = Field(default=2.0, ge=0, le=60)
     index_rebuild_dead_fraction: float = Field(default=0.1, gt=0, lt=1)
     index_snapshot_dir: Path | None = None
     index_snapshot_interval: float = Field(default=300.0, gt=0)
