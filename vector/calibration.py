@@ -120,8 +120,8 @@ def far_upper_bounds(scores: Scores, thresholds: np.ndarray, confidence: float =
 
     False accepts cluster on look-alike people (every image of one person meets the same near-twin), so
     images are not independent trials. Split by person (calibrate on some LFW people, measure on the
-    others), a bound over images was exceeded on 6 of 20 splits at FAR 1e-2 (and a bootstrap over people
-    did not fix it), the bound over people on none (tests/vector/test_calibration.py).
+    others), a bound over images was exceeded on 7 of 20 splits at FAR 1e-2, the bound over people on
+    none of 10 (tests/vector/test_calibration.py).
     """
     t = np.asarray(thresholds, dtype=np.float64)
     imp, n, codes = scores.impostor, len(scores.impostor), scores.impostor_subjects

@@ -99,6 +99,34 @@ def test_far_on_people_never_seen_stays_within_the_calibrated_bound() -> None:
     assert exceeded == []
 
 
+def test_a_bound_counting_images_would_break_the_promise_on_unseen_people() -> None:
+    """Why the bound counts people: the same splits with the binomial bound over images (independent
+    trials assumed) give thresholds whose FAR on unseen people exceeds that bound on 7 of 20 splits."""
+    x, people = _lfw()
+    names = np.unique(people)
+    exceeded = 0
+    for seed in range(20):
+        chosen = set(np.random.default_rng(seed).permutation(names)[: len(names) // 2].tolist())
+        enrolled = np.array([p in chosen for p in people])
+        impostor = cal.score_sets(x[enrolled], people[enrolled]).impostor
+        k = cal.allowed_errors(1e-2, len(impostor))
+        threshold = float(impostor[::-1][k]) + 1e-6  # the lowest with k errors
+        bound = cal.far_upper_bound(k, len(impostor))
+        far = float(((x[~enrolled] @ x[enrolled].T).max(axis=1) >= threshold).mean())
+        exceeded += far > bound
+    assert exceeded == 7
+
+
+def test_the_dlib_default_is_the_calibrated_threshold_of_the_lfw_data() -> None:
+    from appliance.settings import DEFAULT_MODELS
+
+    x, people = _lfw()
+    point = cal.threshold_for(cal.score_sets(x, people), 1e-2)
+    assert DEFAULT_MODELS["dlib-resnet-v1"].threshold == point.threshold == 0.9656
+    assert (point.false_accepts, point.false_accepted_subjects, point.impostor_subjects) == (12, 8, 1570)
+    assert round(point.far_upper_bound, 4) == 0.0092 and round(point.tar, 3) == 0.221
+
+
 def test_report_is_plain_json_and_plot_is_a_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
     x, people = _lfw()
     report = cal.calibrate(cal.score_sets(x[:1500], people[:1500]), 1e-2)
