@@ -125,6 +125,10 @@ def test_the_dlib_default_is_the_calibrated_threshold_of_the_lfw_data() -> None:
     assert DEFAULT_MODELS["dlib-resnet-v1"].threshold == point.threshold == 0.9656
     assert (point.false_accepts, point.false_accepted_subjects, point.impostor_subjects) == (12, 8, 1570)
     assert round(point.far_upper_bound, 4) == 0.0092 and round(point.tar, 3) == 0.221
+    # a doorbell's view: an enrolled person's later images against the best of their first 5 (people with 6+)
+    best = np.concatenate([(rows[5:] @ rows[:5].T).max(axis=1) for rows in (x[people == p] for p in np.unique(people))
+                           if len(rows) > 5])
+    assert round(float((best >= point.threshold).mean()), 3) == 0.492
 
 
 def test_report_is_plain_json_and_plot_is_a_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
