@@ -162,7 +162,8 @@ class AppState:
                 if self._visits is None:
                     s = self.settings
                     self._visits = VisitRecorder(self.pool, flush_interval=s.visits_flush_interval,
-                                                 buffer_size=s.visits_buffer_size)
+                                                 buffer_size=s.visits_buffer_size,
+                                                 retention_days=s.visits_retention_days)
         return self._visits
 
     @property

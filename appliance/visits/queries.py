@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 from psycopg import sql
 
-from appliance.visits.recorder import ROLLUP_SETTLE
-
 Interval = Literal["hour", "day"]
 GroupBy = Literal["camera", "decision", "subject"]
 MAX_RANGE = timedelta(days=400)
+ROLLUP_SETTLE = timedelta(minutes=15)  # an hour is rolled up once it ended this long ago
+ROLLUP_HOURS_PER_ROUND = 24  # the writer's roll-up work per round (each round one short transaction)
 _COLUMNS = "id, camera_id, track_id, first_seen, last_seen, decision, subject_id, similarity, frames"
 _GROUP_SQL = {"camera": "coalesce(camera_id, '')", "decision": "decision",
               "subject": "coalesce(subject_id::text, '')"}
@@ -122,24 +122,35 @@ def _hour_ceil(t: datetime) -> datetime:
 
 def summary(conn: Any, start: datetime, end: datetime, interval: Interval, group_by: GroupBy,
             now: datetime | None = None) -> list[dict[str, Any]]:
-    """Visit counts per ``interval`` bucket (UTC) and group, oldest bucket first."""
+    """Visit counts per ``interval`` bucket (UTC) and group, oldest bucket first.
+
+    Rolled-up hours come from ``visit_rollup``; every other part of the range (its open edges, hours
+    the writer has not rolled up yet or that an erasure invalidated) is counted from ``visits``. A
+    read never writes: the visit writer keeps the roll-up current (``roll_up``)."""
     now = now or datetime.now(UTC)
     closed_end = min(_hour_floor(end), _hour_floor(now - ROLLUP_SETTLE))
     rolled_start = _hour_ceil(start)
     counts: dict[tuple[datetime, str], int] = defaultdict(int)
+    raw = [(start, end)]
     if rolled_start < closed_end:
-        roll_up(conn, rolled_start, closed_end)
-        for bucket, key, n in conn.execute(
-            "SELECT date_trunc(%s, hour, 'UTC'), key, sum(visits) FROM visit_rollup "
-            "WHERE dim = %s AND hour >= %s AND hour < %s GROUP BY 1, 2",
-            (interval, group_by, rolled_start, closed_end),
-        ).fetchall():
-            counts[(bucket, key)] += int(n)
-        edges = [(start, rolled_start), (closed_end, end)]
-    else:
-        edges = [(start, end)]
+        rolled = [r[0] for r in conn.execute(
+            "SELECT hour FROM visit_rollup_hours WHERE hour >= %s AND hour < %s ORDER BY hour",
+            (rolled_start, closed_end)).fetchall()]
+        raw, lo = [], start
+        for hour in rolled:
+            if hour > lo:
+                raw.append((lo, hour))
+            lo = hour + timedelta(hours=1)
+        raw.append((lo, end))
+        if rolled:
+            for bucket, key, n in conn.execute(
+                "SELECT date_trunc(%s, hour, 'UTC'), key, sum(visits) FROM visit_rollup "
+                "WHERE dim = %s AND hour >= %s AND hour < %s GROUP BY 1, 2",
+                (interval, group_by, rolled[0], rolled[-1] + timedelta(hours=1)),
+            ).fetchall():
+                counts[(bucket, key)] += int(n)
     group = sql.SQL(_GROUP_SQL[group_by])
-    for lo, hi in edges:
+    for lo, hi in raw:
         if lo >= hi:
             continue
         for bucket, key, n in conn.execute(sql.SQL(
@@ -153,13 +164,16 @@ def summary(conn: Any, start: datetime, end: datetime, interval: Interval, group
     return out
 
 
-def roll_up(conn: Any, start: datetime, end: datetime) -> int:
-    """Count the closed hours in [start, end) that have no roll-up yet; returns how many hours it did.
+def roll_up(conn: Any, start: datetime, end: datetime, max_hours: int | None = None) -> int:
+    """Count the closed hours in [start, end) that have no roll-up yet (the newest ``max_hours`` of
+    them); returns how many hours it did. Run by the visit writer, in its own transaction.
 
-    Two readers doing the same hour at once insert the same counts; the second's are ignored."""
+    Two processes doing the same hour at once insert the same counts; the second's are ignored."""
     missing = [r[0] for r in conn.execute(
         """SELECT h FROM generate_series(%s::timestamptz, %s::timestamptz - interval '1 hour', interval '1 hour') h
            WHERE NOT EXISTS (SELECT 1 FROM visit_rollup_hours r WHERE r.hour = h)""", (start, end)).fetchall()]
+    if max_hours is not None:
+        missing = missing[-max_hours:]
     if not missing:
         return 0
     lo, hi = missing[0], missing[-1] + timedelta(hours=1)

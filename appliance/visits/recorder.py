@@ -32,6 +32,7 @@ from prometheus_client import Counter, Gauge
 from psycopg_pool import ConnectionPool
 
 from appliance.logs import get_logger
+from appliance.visits.queries import ROLLUP_HOURS_PER_ROUND, ROLLUP_SETTLE, roll_up
 
 log = get_logger(__name__)
 DROPPED = Counter("appliance_visits_dropped_total", "Passages not recorded because the visit buffer was full")
@@ -42,7 +43,6 @@ BUFFERED = Gauge("appliance_visits_buffered", "Passages waiting for the visit wr
 VISIT_NAMESPACE = uuid.UUID("6f1d2c1e-7a43-5b8e-9c1d-3e0a5f7b2d90")
 RECENT_MAX = 50_000  # tracks remembered after a flush, so a track's later frames keep its day
 RECENT_SECONDS = 3600.0
-ROLLUP_SETTLE = timedelta(minutes=15)  # an hour is rolled up once it ended this long ago (appliance.visits.queries)
 _COLUMNS = "day, id, camera_id, track_id, first_seen, last_seen, decision, subject_id, similarity, frames"
 _TYPES = ["date", "uuid", "text", "text", "timestamptz", "timestamptz", "text", "uuid", "float4", "int4"]
 
@@ -84,9 +84,11 @@ class VisitRecorder:
     """The process's visit buffer and its writer thread."""
 
     def __init__(self, pool: ConnectionPool, *, flush_interval: float = 1.0, buffer_size: int = 100_000,
-                 partitions_ahead: int = 7) -> None:
+                 partitions_ahead: int = 7, retention_days: int = 30, rollup_interval: float = 60.0) -> None:
         self.pool, self.flush_interval, self.buffer_size = pool, flush_interval, buffer_size
-        self.partitions_ahead = partitions_ahead
+        self.partitions_ahead, self.retention_days = partitions_ahead, retention_days
+        self.rollup_interval = rollup_interval
+        self._rolled_at = 0.0
         self._pending: dict[Any, Passage] = {}
         self._lock = threading.Lock()
         self._single = count()  # keys for passages without a track (each its own visit)
@@ -169,6 +171,9 @@ class VisitRecorder:
             self.write_once(retry_until=time.monotonic() + (2.0 if stopping else 0.0))
             if stopping:
                 return
+            if time.monotonic() - self._rolled_at >= self.rollup_interval:
+                self._rolled_at = time.monotonic()
+                self.roll_up_closed_hours()
             self._wake.wait(self.flush_interval)
             self._wake.clear()
 
@@ -197,6 +202,18 @@ class VisitRecorder:
             self._written += 1
             self._cond.notify_all()
         return written
+
+    def roll_up_closed_hours(self, now: datetime | None = None) -> int:
+        """Count up to a day of closed, not yet rolled-up hours within retention (newest first), so
+        dashboard summaries read the roll-up. Failures wait for the next round."""
+        now = now or datetime.now(UTC)
+        end = (now - ROLLUP_SETTLE).replace(minute=0, second=0, microsecond=0)
+        try:
+            with self.pool.connection() as conn:
+                return roll_up(conn, end - timedelta(days=self.retention_days), end, ROLLUP_HOURS_PER_ROUND)
+        except Exception as exc:
+            log.warning("visits: roll-up failed, retried next round", error=f"{type(exc).__name__}: {exc}"[:300])
+            return 0
 
     def _put_back(self, batch: dict[Any, Passage]) -> None:
         with self._lock:

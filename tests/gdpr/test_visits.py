@@ -147,17 +147,20 @@ def test_summary_counts_from_roll_up_and_raw_edges_and_erasure_removes_visits(
     passages = [(cams[i % 2], f"s{i}", "match" if i % 3 == 0 else "unknown", subject["id"] if i % 3 == 0 else None,
                  0.7, t0 + timedelta(minutes=17 * i), t0 + timedelta(minutes=17 * i, seconds=3)) for i in range(12)]
     _write(state, passages)
-    lo, hi = t0 + timedelta(minutes=30), t0 + timedelta(hours=3)  # partial first hour: counted raw
-    for interval in ("hour", "day"):
-        for group_by, dim, keys in (("camera", 0, set(cams)), ("subject", 3, {subject["id"]})):
-            r = gdpr_client.get("/v1/visits/summary", params={"from": lo.isoformat(), "to": hi.isoformat(),
-                                "interval": interval, "group_by": group_by}, headers=audit_headers)
-            assert r.status_code == 200, r.text
-            assert _got(r.json(), keys) == _expected(passages, lo, hi, interval, dim, keys), (interval, group_by)
-    with psycopg.connect(admin_dsn) as conn:  # the closed hours were rolled up
-        rolled = conn.execute("SELECT count(*) FROM visit_rollup_hours WHERE hour >= %s AND hour < %s",
-                              (t0 + timedelta(hours=1), hi)).fetchone()[0]
-    assert rolled == 2
+    lo, hi = t0 + timedelta(minutes=30), t0 + timedelta(hours=3)  # partial first hour: always counted raw
+    for rolled_up in (False, True):  # counted from visits, then from the writer's roll-up: the same answers
+        if rolled_up:
+            with state.pool.connection() as conn:  # (the app's writer may have done some already)
+                queries.roll_up(conn, t0 + timedelta(hours=1), hi)
+                assert conn.execute("SELECT count(*) FROM visit_rollup_hours WHERE hour >= %s AND hour < %s",
+                                    (t0 + timedelta(hours=1), hi)).fetchone()[0] == 2
+        for interval in ("hour", "day"):
+            for group_by, dim, keys in (("camera", 0, set(cams)), ("subject", 3, {subject["id"]})):
+                r = gdpr_client.get("/v1/visits/summary", params={"from": lo.isoformat(), "to": hi.isoformat(),
+                                    "interval": interval, "group_by": group_by}, headers=audit_headers)
+                assert r.status_code == 200, r.text
+                want = _expected(passages, lo, hi, interval, dim, keys)
+                assert _got(r.json(), keys) == want, (rolled_up, interval, group_by)
 
     r = gdpr_client.delete(f"/v1/subjects/{subject['id']}", headers=admin_headers)
     assert r.status_code == 200, r.text
@@ -226,3 +229,23 @@ def test_retention_drops_whole_old_days_and_keeps_recent_ones(state, admin_dsn) 
         assert queries.drop_expired(conn, cutoff) == due
         assert queries.partitions_due(conn, cutoff) == []
     assert [r[1] for r in _rows(admin_dsn, "camera_id = %s", (cam,))] == ["new"]
+
+
+def test_the_writer_rolls_up_closed_hours_and_a_late_write_invalidates_its_hour(state, admin_dsn) -> None:
+    cam = f"door-{uuid.uuid4().hex[:8]}"
+    t0 = _hours_ago(9)
+    rec = VisitRecorder(state.pool, retention_days=30)
+    rec.record(cam, None, "unknown", None, 0.1, t0.timestamp(), t0.timestamp())
+    rec.write_once()
+    for _ in range(40):  # a day per round, newest first, until the test's hour is reached
+        if rec.roll_up_closed_hours() == 0:
+            break
+
+    def rolled() -> int:
+        with psycopg.connect(admin_dsn) as conn:
+            return conn.execute("SELECT count(*) FROM visit_rollup_hours WHERE hour = %s", (t0,)).fetchone()[0]
+
+    assert rolled() == 1
+    rec.record(cam, None, "unknown", None, 0.1, t0.timestamp() + 60, t0.timestamp() + 60)  # late
+    rec.write_once()
+    assert rolled() == 0  # recounted on the next round; until then summaries count it from visits
