@@ -73,6 +73,7 @@ bench: $(STAMP) bench-tools
 	$(BIN)/python bench/media.py
 	$(BIN)/python bench/audit.py
 	$(BIN)/python bench/erasure.py
+	$(BIN)/python bench/visits.py
 
 ## The 1M-encoding match benchmark (first run loads 1M encodings, ~1 h; later runs ~10 min).
 bench-1m: $(STAMP) bench-tools
