@@ -101,18 +101,35 @@ def _tally(frames: Sequence[Frame]) -> tuple[float, dict[bytes, float], dict[byt
 
 def fuse(frames: Sequence[Frame], threshold: float, min_frames: int, min_margin: float | None = None) -> Fused:
     """The module rule over ``frames`` (oldest first). Deterministic: ties go to the smaller subject id,
-    so every worker that sees the same frames gives the same answer."""
-    floor_sum, excess, listed = _tally(frames)
+    so every worker that sees the same frames gives the same answer. One pass, no sort: it runs twice
+    per frame with a ``track_id`` on the match path."""
+    excess: dict[bytes, float] = {}  # sum over frames of (similarity - that frame's floor)
+    floor_sum = 0.0
+    for f in frames:
+        sims = f.sims
+        floor = sims[-1] if sims else -1.0
+        floor_sum += floor
+        for s, x in zip(f.subjects, sims, strict=True):
+            excess[s] = excess.get(s, 0.0) + (x - floor)
     if not excess:
         return Fused("unknown", None, -1.0, None)
+    best = second = b""
+    top = runner = float("-inf")
+    for s, e in excess.items():
+        if e > top or (e == top and s < best):
+            second, runner, best, top = best, top, s, e
+        elif e > runner or (e == runner and s < second):
+            second, runner = s, e
     n = len(frames)
-    ranked = sorted(excess.items(), key=lambda kv: (-kv[1], kv[0]))
-    best, top = ranked[0]
     score = (floor_sum + top) / n
-    margin = (top - ranked[1][1]) / n if len(ranked) > 1 else None
-    agree = sum(x >= threshold for x in listed[best])
-    named = (n >= min_frames and agree >= min_frames and score >= threshold
-             and (min_margin is None or margin is None or margin >= min_margin))
+    margin = (top - runner) / n if len(excess) > 1 else None
+    named = n >= min_frames and score >= threshold and (min_margin is None or margin is None or margin >= min_margin)
+    if named:
+        agree = 0
+        for f in frames:
+            if best in f.subjects and f.sims[f.subjects.index(best)] >= threshold:
+                agree += 1
+        named = agree >= min_frames
     return Fused("match" if named else "unknown", best, score, margin)
 
 
@@ -139,16 +156,19 @@ class TrackConfig:
 
 
 def _decide(frames: Sequence[Frame], config: TrackConfig, threshold: float, min_margin: float | None,
-            camera_id: str | None, track_id: str, seen: int, first: float, now: float) -> TrackDecision:
+            camera_id: str | None, track_id: str, seen: int, first: float, now: float,
+            before: Fused | None = None) -> tuple[TrackDecision, Fused]:
     """The decision after the newest of ``frames`` (which holds up to ``window + 1``: the extra one is
-    only for the decision before this frame, so ``changed`` compares like with like)."""
+    only for the decision before this frame, so ``changed`` compares like with like). ``before``: that
+    earlier decision when the caller still has it (same frames, same options: the same value)."""
     frames = list(frames)  # a deque does not slice
     fused = fuse(frames[-config.window:], threshold, config.min_frames, min_margin)
-    before = fuse(frames[:-1][-config.window:], threshold, config.min_frames, min_margin) if seen > 1 else None
+    if before is None and seen > 1:
+        before = fuse(frames[:-1][-config.window:], threshold, config.min_frames, min_margin)
     named = fused.subject if fused.decision == "match" else None
     changed = before is None or before.decision != fused.decision or (
         fused.decision == "match" and before.subject != fused.subject)
-    return TrackDecision(camera_id, track_id, fused.decision, named, fused.score, seen, changed, first, now)
+    return TrackDecision(camera_id, track_id, fused.decision, named, fused.score, seen, changed, first, now), fused
 
 
 class TrackStore(Protocol):
@@ -164,6 +184,7 @@ class _Track:
     seen: int
     first_seen: float
     last_seen: float
+    last: tuple[float, float | None, Fused] | None = None  # (threshold, min_margin, decision) of the last frame
 
 
 class MemoryTracks:
@@ -192,8 +213,12 @@ class MemoryTracks:
                 track.frames.append(frame)
                 track.seen += 1
                 track.last_seen = now
-                out.append(_decide(track.frames, self.config, threshold, min_margin, camera_id, track_id,
-                                   track.seen, track.first_seen, now))
+                last = track.last
+                before = last[2] if last is not None and last[:2] == (threshold, min_margin) else None
+                decision, fused = _decide(track.frames, self.config, threshold, min_margin, camera_id, track_id,
+                                          track.seen, track.first_seen, now, before)
+                track.last = (threshold, min_margin, fused)
+                out.append(decision)
             self._tracks[key] = track  # most recently seen last
             while len(self._tracks) > self.config.max_tracks:
                 self._tracks.popitem(last=False)
@@ -262,5 +287,5 @@ class RedisTracks:
         for seen, first, raw in replies:
             window = [Frame.unpack(x) for x in raw]
             out.append(_decide(window, self.config, threshold, min_margin, camera_id, track_id,
-                               int(seen), float(first), now))
+                               int(seen), float(first), now)[0])
         return out
