@@ -33,6 +33,7 @@ from vector.feed import Feed, FeedMessage
 from vector.fusion import FRAME_CANDIDATES, Frame, MemoryTracks, RedisTracks, TrackConfig, TrackDecision, TrackStore
 from vector.index import HotIndex, IndexParams, single_threaded_search
 from vector.matcher import Candidate, search_candidates
+from vector.memory import release_free_heap
 from vector.templates import TemplateKeys
 from vector.tombstones import LocalTombstones
 
@@ -260,10 +261,10 @@ class IndexService:
                 for query in queries:
                     width = k * self.config.oversample + 8
                     while True:
-                        rows, seq = store.search_active(conn, model, self.dims[model], version, query, width,
-                                                        self.dead_labels(), timeout_ms)
+                        rows, seen, seq = store.search_active(conn, model, self.dims[model], version, query,
+                                                              width, self.dead_labels(), timeout_ms)
                         cands = self._cold_candidates(rows, k)
-                        if len(cands) >= k or len(rows) < width:
+                        if len(cands) >= k or seen < width:
                             break
                         width *= 4  # several encodings per subject: look further down
                     results.append(MatchResult("match" if cands and cands[0].similarity >= threshold else "unknown",
@@ -481,6 +482,7 @@ class IndexService:
         if any(not mi.from_snapshot and mi.index.kind == "hnsw" for mi in self.models.values()):
             self.save_snapshots()  # before serving: a restart must never rebuild HNSW, and saving later would
             # compete with matches for CPU (seconds at 1M)
+        release_free_heap()  # the warm-up's freed COPY buffers and build scratch (vector.memory)
         self.warm_seconds = time.perf_counter() - started
         self._ready.set()
         return True
@@ -561,7 +563,8 @@ class IndexService:
                 "warm_seconds": self.warm_seconds,
                 "models": {m: {"size": len(mi.index), "kind": mi.index.kind, "version": mi.version,
                                "seq": mi.applied_seq, "memory_bytes": mi.index.memory_bytes(),
-                               "from_snapshot": mi.from_snapshot} for m, mi in self.models.items()}}
+                               "from_snapshot": mi.from_snapshot, "ef_search": mi.index.ef_search,
+                               "tuned_recall": mi.index.tuned_recall} for m, mi in self.models.items()}}
 
 
 class _VersionChanged(Exception):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from vector.memory import advise_huge_pages
+from vector.memory import advise_huge_pages, release_free_heap
 from vector.store import TemplateBatch
 
 _omp = threading.local()
@@ -416,6 +416,7 @@ class HotIndex:
                     self._set_ef(tuned[0], len(meta[1]), tuned[1])
         finally:
             self._rebuild_lock.release()
+        release_free_heap()  # the old index and the build's scratch
         return True
 
     @property

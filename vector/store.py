@@ -197,23 +197,27 @@ def search(
 def search_active(
     conn: psycopg.Connection, model: str, dim: int, version: int, template: np.ndarray, limit: int,
     exclude: list[int], timeout_ms: int,
-) -> tuple[list[tuple[int, bytes, bytes, float]], int]:
+) -> tuple[list[tuple[int, bytes, bytes, float]], int, int]:
     """The cold path while a hot index warms: top-``limit`` by inner product over the model's protected
     templates (version ``version``) of *active* subjects, ``exclude`` labels (tombstones) left out;
-    returns rows (label, subject id bytes, encoding id bytes, similarity) and the model's feed position.
+    returns rows (label, subject id bytes, encoding id bytes, similarity), how many rows were looked at
+    (before dropping those of subjects being erased), and the model's feed position.
 
     Exact unless the operator created a pgvector HNSW index (the planner then may use it). Bounded by
     ``timeout_ms`` (``statement_timeout``), so a slow scan fails instead of piling up requests.
     """
+    # The top rows first, then the states of their subjects only (not a join over every row)
     query = sql.SQL(
-        "SELECT e.label, e.subject_id, e.id, -((e.template::vector({d})) <#> %(q)s::vector({d})) "
-        "FROM encodings e JOIN subjects s ON s.id = e.subject_id "
-        "WHERE e.model = {m} AND e.template_version = %(v)s AND s.state = 'active' AND e.label <> ALL(%(x)s) "
-        "ORDER BY (e.template::vector({d})) <#> %(q)s::vector({d}) LIMIT %(k)s"
+        "WITH top AS (SELECT label, subject_id, id, (template::vector({d})) <#> %(q)s::vector({d}) AS d "
+        "FROM encodings WHERE model = {m} AND template_version = %(v)s AND label <> ALL(%(x)s) "
+        "ORDER BY (template::vector({d})) <#> %(q)s::vector({d}) LIMIT %(k)s) "
+        "SELECT top.label, top.subject_id, top.id, -top.d, s.state = 'active' FROM top "
+        "JOIN subjects s ON s.id = top.subject_id ORDER BY top.d"
     ).format(d=sql.Literal(dim), m=sql.Literal(check_model_name(model)))
     with conn.transaction():
         conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(max(1, int(timeout_ms)))))
         rows = conn.execute(query, {"q": np.asarray(template, np.float32), "v": version, "k": limit,
                                     "x": exclude}).fetchall()
         seq = conn.execute("SELECT feed_seq FROM index_state WHERE model = %s", (model,)).fetchone()
-    return [(int(r[0]), r[1].bytes, r[2].bytes, float(r[3])) for r in rows], int(seq[0]) if seq else 0
+    live = [(int(r[0]), r[1].bytes, r[2].bytes, float(r[3])) for r in rows if r[4]]
+    return live, len(rows), int(seq[0]) if seq else 0
