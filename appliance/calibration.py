@@ -185,11 +185,6 @@ class ThresholdRefresher:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def describe(self, model: str) -> tuple[float, str, Applied | None]:
-        """(threshold that applies, where it came from, the applied row) for ``model``."""
-        applied = self.applied.get(model)
-        return float(self.matcher.thresholds.get(model, self.defaults.get(model, 0.0))), source_of(applied), applied
-
     def refresh(self) -> None:
         with self.pool.connection() as conn:
             found = applied_thresholds(conn)

@@ -17,6 +17,7 @@ Templates are the protected ones (inner products are preserved), so nothing here
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,10 +108,15 @@ def _binom_cdf(k: int, n: int, p: float) -> float:
         return 1.0
     if p >= 1.0:
         return 0.0 if k < n else 1.0
-    i = np.arange(k + 1, dtype=np.float64)
-    logs = (math.lgamma(n + 1) - np.array([math.lgamma(j + 1) for j in range(k + 1)])
-            - np.array([math.lgamma(n - j + 1) for j in range(k + 1)]) + i * math.log(p) + (n - i) * math.log1p(-p))
+    lf = _log_factorials(n)
+    i = np.arange(k + 1)
+    logs = lf[n] - lf[i] - lf[n - i] + i * math.log(p) + (n - i) * math.log1p(-p)
     return float(np.exp(logs).sum())
+
+
+@functools.lru_cache(maxsize=8)
+def _log_factorials(n: int) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
 
 
 def far_upper_bounds(scores: Scores, thresholds: np.ndarray, confidence: float = CONFIDENCE) -> np.ndarray:
@@ -128,15 +134,21 @@ def far_upper_bounds(scores: Scores, thresholds: np.ndarray, confidence: float =
     if not n:
         return np.ones(len(t))
     errors = n - np.searchsorted(imp, t, side="left")
-    out = np.array([far_upper_bound(int(k), n, confidence) for k in errors])
+    out = _bounds(errors, n, confidence)
     if len(codes) == n:
         # highest impostor score of each subject: a subject is falsely accepted at t when that is >= t
         top = np.full(scores.subjects, -np.inf)
         np.maximum.at(top, codes, imp)
         top = np.sort(top[np.isfinite(top)])
         people = len(top) - np.searchsorted(top, t, side="left")
-        out = np.maximum(out, [far_upper_bound(int(k), len(top), confidence) for k in people])
+        out = np.maximum(out, _bounds(people, len(top), confidence))
     return out
+
+
+def _bounds(errors: np.ndarray, trials: int, confidence: float) -> np.ndarray:
+    """``far_upper_bound`` of each count, computed once per distinct count (grids share most counts)."""
+    distinct, inverse = np.unique(errors, return_inverse=True)
+    return np.array([far_upper_bound(int(k), trials, confidence) for k in distinct])[inverse.ravel()]
 
 
 def trials_needed(target_far: float, confidence: float = CONFIDENCE) -> int:
@@ -149,10 +161,14 @@ def trials_needed(target_far: float, confidence: float = CONFIDENCE) -> int:
 
 def allowed_errors(target_far: float, trials: int, confidence: float = CONFIDENCE) -> int:
     """Most false accepts among ``trials`` whose upper bound stays at or below ``target_far`` (-1: none)."""
-    k = -1
-    while k + 1 < trials and far_upper_bound(k + 1, trials, confidence) <= target_far:
-        k += 1
-    return k
+    lo, hi = -1, trials - 1  # the bound grows with the count: bisect for the last count within the target
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if far_upper_bound(mid, trials, confidence) <= target_far:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclass(frozen=True)
