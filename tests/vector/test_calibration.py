@@ -131,6 +131,22 @@ def test_the_dlib_default_is_the_calibrated_threshold_of_the_lfw_data() -> None:
     assert round(float((best >= point.threshold).mean()), 3) == 0.492
 
 
+def test_a_smaller_gallery_never_raises_the_far_at_a_threshold() -> None:
+    """A household's gallery is a few people: a stranger's best match among them is never higher."""
+    x, people = _lfw()
+    names = np.unique(people)
+    rng = np.random.default_rng(5)
+    gallery = set(rng.permutation(names)[:800].tolist())
+    small = set(list(gallery)[:30])
+    enrolled = np.array([p in gallery for p in people])
+    household = np.array([p in small for p in people])
+    strangers = x[~enrolled]
+    full = (strangers @ x[enrolled].T).max(axis=1)
+    few = (strangers @ x[household].T).max(axis=1)
+    assert np.all(few <= full)
+    assert (few >= 0.9656).mean() <= (full >= 0.9656).mean()
+
+
 def test_report_is_plain_json_and_plot_is_a_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
     x, people = _lfw()
     report = cal.calibrate(cal.score_sets(x[:1500], people[:1500]), 1e-2)
