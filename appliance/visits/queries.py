@@ -23,6 +23,7 @@ GroupBy = Literal["camera", "decision", "subject"]
 MAX_RANGE = timedelta(days=400)
 ROLLUP_SETTLE = timedelta(minutes=15)  # an hour is rolled up once it ended this long ago
 ROLLUP_HOURS_PER_ROUND = 24  # the writer's roll-up work per round (each round one short transaction)
+ROLLUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('visit_rollup'))"  # also taken by visits_invalidate_hours
 _COLUMNS = "id, camera_id, track_id, first_seen, last_seen, decision, subject_id, similarity, frames"
 _GROUP_SQL = {"camera": "coalesce(camera_id, '')", "decision": "decision",
               "subject": "coalesce(subject_id::text, '')"}
@@ -124,24 +125,62 @@ def summary(conn: Any, start: datetime, end: datetime, interval: Interval, group
             now: datetime | None = None) -> list[dict[str, Any]]:
     """Visit counts per ``interval`` bucket (UTC) and group, oldest bucket first.
 
-    Rolled-up hours come from ``visit_rollup``; every other part of the range (its open edges, hours
-    the writer has not rolled up yet or that an erasure invalidated) is counted from ``visits``. A
-    read never writes: the visit writer keeps the roll-up current (``roll_up``)."""
+    Whole days rolled up come from ``visit_rollup_days`` (for ``interval=day``), rolled-up hours from
+    ``visit_rollup``; everything else (the open edges of the range, hours not rolled up yet or that an
+    erasure invalidated) is counted from ``visits``. A read never writes: the visit writer keeps the
+    roll-ups current (``roll_up``, ``roll_up_days``)."""
     now = now or datetime.now(UTC)
+    counts: dict[tuple[datetime, str], int] = defaultdict(int)
+    rest = [(start, end)]
+    if interval == "day":
+        done = [r[0] for r in conn.execute(
+            "SELECT day FROM visit_rollup_days_done WHERE day >= %s AND day < %s ORDER BY day",
+            (_day_ceil(start), end.astimezone(UTC).date())).fetchall()]
+        if done:
+            for day, key, n in conn.execute(
+                "SELECT day, key, visits FROM visit_rollup_days WHERE dim = %s AND day >= %s AND day <= %s",
+                (group_by, done[0], done[-1])).fetchall():
+                counts[(_midnight(day), key)] += int(n)
+            rest = _gaps(start, end, [(_midnight(d), _midnight(d) + timedelta(days=1)) for d in done])
+    for lo, hi in rest:
+        _hourly(conn, lo, hi, interval, group_by, now, counts)
+    out = [{"start": bucket, "key": key or None, "visits": n} for (bucket, key), n in counts.items() if n]
+    out.sort(key=lambda x: (x["start"], x["key"] or ""))
+    return out
+
+
+def _midnight(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def _day_ceil(t: datetime) -> date:
+    t = t.astimezone(UTC)
+    return t.date() if _midnight(t.date()) == t else t.date() + timedelta(days=1)
+
+
+def _gaps(start: datetime, end: datetime, covered: list[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    """The parts of [start, end) outside the sorted, disjoint ``covered`` ranges."""
+    out, lo = [], start
+    for a, b in covered:
+        if a > lo:
+            out.append((lo, a))
+        lo = max(lo, b)
+    if lo < end:
+        out.append((lo, end))
+    return out
+
+
+def _hourly(conn: Any, start: datetime, end: datetime, interval: Interval, group_by: GroupBy, now: datetime,
+            counts: dict[tuple[datetime, str], int]) -> None:
+    """Add [start, end)'s counts: rolled-up hours from ``visit_rollup``, the rest from ``visits``."""
     closed_end = min(_hour_floor(end), _hour_floor(now - ROLLUP_SETTLE))
     rolled_start = _hour_ceil(start)
-    counts: dict[tuple[datetime, str], int] = defaultdict(int)
     raw = [(start, end)]
     if rolled_start < closed_end:
         rolled = [r[0] for r in conn.execute(
             "SELECT hour FROM visit_rollup_hours WHERE hour >= %s AND hour < %s ORDER BY hour",
             (rolled_start, closed_end)).fetchall()]
-        raw, lo = [], start
-        for hour in rolled:
-            if hour > lo:
-                raw.append((lo, hour))
-            lo = hour + timedelta(hours=1)
-        raw.append((lo, end))
+        raw = _gaps(start, end, [(h, h + timedelta(hours=1)) for h in rolled])
         if rolled:
             for bucket, key, n in conn.execute(
                 "SELECT date_trunc(%s, hour, 'UTC'), key, sum(visits) FROM visit_rollup "
@@ -151,17 +190,12 @@ def summary(conn: Any, start: datetime, end: datetime, interval: Interval, group
                 counts[(bucket, key)] += int(n)
     group = sql.SQL(_GROUP_SQL[group_by])
     for lo, hi in raw:
-        if lo >= hi:
-            continue
         for bucket, key, n in conn.execute(sql.SQL(
             "SELECT date_trunc(%s, first_seen, 'UTC'), {}, count(*) FROM visits "
             "WHERE day BETWEEN %s AND %s AND first_seen >= %s AND first_seen < %s GROUP BY 1, 2").format(group),
             (interval, lo.astimezone(UTC).date(), hi.astimezone(UTC).date(), lo, hi),
         ).fetchall():
             counts[(bucket, key)] += int(n)
-    out = [{"start": bucket, "key": key or None, "visits": n} for (bucket, key), n in counts.items() if n]
-    out.sort(key=lambda x: (x["start"], x["key"] or ""))
-    return out
 
 
 def roll_up(conn: Any, start: datetime, end: datetime, max_hours: int | None = None) -> int:
@@ -171,13 +205,15 @@ def roll_up(conn: Any, start: datetime, end: datetime, max_hours: int | None = N
     Two processes doing the same hour at once insert the same counts; the second's are ignored."""
     missing = [r[0] for r in conn.execute(
         """SELECT h FROM generate_series(%s::timestamptz, %s::timestamptz - interval '1 hour', interval '1 hour') h
-           WHERE NOT EXISTS (SELECT 1 FROM visit_rollup_hours r WHERE r.hour = h)""", (start, end)).fetchall()]
+           WHERE NOT EXISTS (SELECT 1 FROM visit_rollup_hours r WHERE r.hour = h)
+           ORDER BY h""", (start, end)).fetchall()]  # ordered: an anti-join may return them in any order
     if max_hours is not None:
         missing = missing[-max_hours:]
     if not missing:
         return 0
     lo, hi = missing[0], missing[-1] + timedelta(hours=1)
     with conn.transaction():
+        conn.execute(ROLLUP_LOCK)
         conn.execute(
             """INSERT INTO visit_rollup (hour, dim, key, visits)
                SELECT date_trunc('hour', v.first_seen, 'UTC') AS hour, g.dim, g.key, count(*)
@@ -193,12 +229,32 @@ def roll_up(conn: Any, start: datetime, end: datetime, max_hours: int | None = N
     return len(missing)
 
 
+def roll_up_days(conn: Any, first: date, last: date) -> int:
+    """Sum each day in [first, last] whose 24 hours are rolled up into ``visit_rollup_days``."""
+    with conn.transaction():
+        conn.execute(ROLLUP_LOCK)
+        ready = [r[0] for r in conn.execute(
+            """SELECT d::date FROM generate_series(%s::date, %s::date, interval '1 day') d
+               WHERE NOT EXISTS (SELECT 1 FROM visit_rollup_days_done x WHERE x.day = d::date)
+                 AND (SELECT count(*) FROM visit_rollup_hours h
+                      WHERE h.hour >= d::timestamp AT TIME ZONE 'UTC'
+                        AND h.hour < (d + interval '1 day')::timestamp AT TIME ZONE 'UTC') = 24""",
+            (first, last)).fetchall()]
+        if ready:
+            conn.execute(
+                """INSERT INTO visit_rollup_days (day, dim, key, visits)
+                   SELECT (hour AT TIME ZONE 'UTC')::date, dim, key, sum(visits) FROM visit_rollup
+                   WHERE (hour AT TIME ZONE 'UTC')::date = ANY(%s) GROUP BY 1, 2, 3 ON CONFLICT DO NOTHING""",
+                (ready,))
+            conn.execute("INSERT INTO visit_rollup_days_done (day) SELECT unnest(%s::date[]) ON CONFLICT DO NOTHING",
+                         (ready,))
+    return len(ready)
+
+
 def delete_subject_visits(conn: Any, subject_id: uuid.UUID) -> int:
     """Erasure: delete the subject's visits and forget the roll-up of the hours they were in (recounted)."""
-    conn.execute(
-        """WITH h AS (SELECT DISTINCT date_trunc('hour', first_seen, 'UTC') AS hour FROM visits WHERE subject_id = %s),
-                a AS (DELETE FROM visit_rollup r USING h WHERE r.hour = h.hour)
-           DELETE FROM visit_rollup_hours r USING h WHERE r.hour = h.hour""", (subject_id,))
+    conn.execute("SELECT visits_invalidate_hours(ARRAY(SELECT DISTINCT date_trunc('hour', first_seen, 'UTC') "
+                 "FROM visits WHERE subject_id = %s))", (subject_id,))
     return conn.execute("DELETE FROM visits WHERE subject_id = %s", (subject_id,)).rowcount
 
 

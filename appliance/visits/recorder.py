@@ -32,7 +32,7 @@ from prometheus_client import Counter, Gauge
 from psycopg_pool import ConnectionPool
 
 from appliance.logs import get_logger
-from appliance.visits.queries import ROLLUP_HOURS_PER_ROUND, ROLLUP_SETTLE, roll_up
+from appliance.visits.queries import ROLLUP_HOURS_PER_ROUND, ROLLUP_SETTLE, roll_up, roll_up_days
 
 log = get_logger(__name__)
 DROPPED = Counter("appliance_visits_dropped_total", "Passages not recorded because the visit buffer was full")
@@ -210,7 +210,9 @@ class VisitRecorder:
         end = (now - ROLLUP_SETTLE).replace(minute=0, second=0, microsecond=0)
         try:
             with self.pool.connection() as conn:
-                return roll_up(conn, end - timedelta(days=self.retention_days), end, ROLLUP_HOURS_PER_ROUND)
+                hours = roll_up(conn, end - timedelta(days=self.retention_days), end, ROLLUP_HOURS_PER_ROUND)
+                roll_up_days(conn, (end - timedelta(days=self.retention_days)).date(), end.date())
+                return hours
         except Exception as exc:
             log.warning("visits: roll-up failed, retried next round", error=f"{type(exc).__name__}: {exc}"[:300])
             return 0
@@ -297,6 +299,5 @@ def upsert(conn: Any, rows: list[tuple[Any, ...]], invalidate_closed: bool = Fal
                  WHERE decision = 'match' AND subject_id IS NOT NULL GROUP BY subject_id) v
            WHERE s.id = v.subject_id AND s.state = 'active' AND (s.last_seen_at IS NULL OR s.last_seen_at < v.seen)""")
     if invalidate_closed:  # a late write into an hour already rolled up: recount that hour on the next read
-        conn.execute("""WITH h AS (SELECT DISTINCT date_trunc('hour', first_seen, 'UTC') AS hour FROM visits_in),
-                        a AS (DELETE FROM visit_rollup r USING h WHERE r.hour = h.hour)
-                        DELETE FROM visit_rollup_hours r USING h WHERE r.hour = h.hour""")
+        conn.execute("SELECT visits_invalidate_hours(ARRAY(SELECT DISTINCT date_trunc('hour', first_seen, 'UTC') "
+                     "FROM visits_in))")

@@ -249,3 +249,56 @@ def test_the_writer_rolls_up_closed_hours_and_a_late_write_invalidates_its_hour(
     rec.record(cam, None, "unknown", None, 0.1, t0.timestamp() + 60, t0.timestamp() + 60)  # late
     rec.write_once()
     assert rolled() == 0  # recounted on the next round; until then summaries count it from visits
+
+
+def test_matches_become_visits_one_per_track_and_one_per_untracked_match(
+        gdpr_client, state, admin_dsn, staff_headers, make_subject) -> None:
+    subject = make_subject(person=14, n=3, photo=False)
+    cam = f"door-{uuid.uuid4().hex[:8]}"
+    frames = subject["vectors"][:3].tolist()
+    for vector in frames:  # three frames of one passer-by
+        r = gdpr_client.post("/v1/match", json={"model": "dlib-resnet-v1", "embedding": vector, "camera_id": cam,
+                                                "track_id": "track-1"}, headers=staff_headers)
+        assert r.status_code == 200, r.text
+    for vector in frames[:2]:  # two matches without a track
+        r = gdpr_client.post("/v1/match", json={"model": "dlib-resnet-v1", "embedding": vector, "camera_id": cam},
+                             headers=staff_headers)
+        assert r.status_code == 200 and r.json()["decision"] == "match", r.text
+    assert state.visits.flush(10)
+    rows = _rows(admin_dsn, "camera_id = %s", (cam,))
+    tracked = [r for r in rows if r[1] == "track-1"]
+    assert len(tracked) == 1 and tracked[0][6] == 3 and str(tracked[0][5]) == subject["id"]
+    assert tracked[0][4] == "match"
+    assert sorted(r[6] for r in rows if r[1] is None) == [1, 1]
+
+
+def test_daily_summaries_read_the_daily_roll_up_and_an_erasure_invalidates_it(
+        gdpr_client, state, admin_dsn, audit_headers, admin_headers, make_subject) -> None:
+    subject = make_subject(person=15, n=1, photo=False)
+    cam = f"door-{uuid.uuid4().hex[:8]}"
+    midnight = _hours_ago(10).replace(hour=0)
+    passages = [(cam, f"d{i}", "match" if i % 2 else "unknown", subject["id"] if i % 2 else None, 0.8,
+                 midnight + timedelta(hours=2 * i, minutes=5), midnight + timedelta(hours=2 * i, minutes=6))
+                for i in range(12)]
+    _write(state, passages)
+    day = midnight.date()
+    with state.pool.connection() as conn:
+        queries.roll_up(conn, midnight, midnight + timedelta(days=1))
+        queries.roll_up_days(conn, day, day)
+        assert conn.execute("SELECT count(*) FROM visit_rollup_days_done WHERE day = %s", (day,)).fetchone()[0] == 1
+    window = {"from": (midnight - timedelta(hours=3)).isoformat(),
+              "to": (midnight + timedelta(days=1, hours=2)).isoformat(), "interval": "day"}
+
+    def by(group_by: str, keys: set[Any]) -> Counter:
+        r = gdpr_client.get("/v1/visits/summary", params={**window, "group_by": group_by}, headers=audit_headers)
+        assert r.status_code == 200, r.text
+        return _got(r.json(), keys)
+
+    assert by("camera", {cam}) == Counter({(midnight, cam): 12})
+    assert by("subject", {subject["id"]}) == Counter({(midnight, subject["id"]): 6})
+    r = gdpr_client.delete(f"/v1/subjects/{subject['id']}", headers=admin_headers)
+    assert r.status_code == 200, r.text
+    with psycopg.connect(admin_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM visit_rollup_days_done WHERE day = %s", (day,)).fetchone()[0] == 0
+    assert by("camera", {cam}) == Counter({(midnight, cam): 6})
+    assert by("subject", {subject["id"]}) == Counter()
