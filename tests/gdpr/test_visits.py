@@ -302,3 +302,31 @@ def test_daily_summaries_read_the_daily_roll_up_and_an_erasure_invalidates_it(
         assert conn.execute("SELECT count(*) FROM visit_rollup_days_done WHERE day = %s", (day,)).fetchone()[0] == 0
     assert by("camera", {cam}) == Counter({(midnight, cam): 6})
     assert by("subject", {subject["id"]}) == Counter()
+
+
+def test_the_cli_lists_and_counts_visits_as_json_and_refuses_bad_filters(stack, state) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cam = f"door-{uuid.uuid4().hex[:8]}"
+    t0 = _hours_ago(11)
+    _write(state, [(cam, "c1", "unknown", None, 0.4, t0, t0), (cam, "c2", "unknown", None, 0.4,
+                                                                 t0 + timedelta(minutes=1), t0 + timedelta(minutes=1))])
+    env = {**os.environ, "APPLIANCE_CONFIG": str(stack.config_file)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "appliance", "visits", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    window = ["--from", t0.isoformat(), "--to", (t0 + timedelta(hours=1)).isoformat()]
+    out = cli("list", *window, "--camera-id", cam, "--json")
+    assert out.returncode == 0, out.stderr
+    assert [v["track_id"] for v in json.loads(out.stdout)["items"]] == ["c2", "c1"]
+    out = cli("summary", *window, "--group-by", "camera", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [b["visits"] for b in json.loads(out.stdout)["buckets"] if b["key"] == cam] == [2]
+    out = cli("list", *window, "--camera-id", cam)
+    assert out.returncode == 0 and out.stdout.count(cam) == 2 and out.stdout.splitlines()[0].startswith("first_seen")
+    assert cli("summary", "--interval", "week").returncode == 2
+    assert cli("list", "--from", "2026-03-02T00:00:00Z", "--to", "2026-03-01T00:00:00Z").returncode == 2
