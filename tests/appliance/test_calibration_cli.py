@@ -206,6 +206,9 @@ def test_apply_changes_the_decisions_of_every_worker_within_seconds(site: Site, 
     assert len(audit) == 1 and audit[0][0].startswith("cli:")
     assert (audit[0][1]["threshold"], audit[0][1]["subjects"], audit[0][1]["encodings"]) == (threshold, 1570, 5924)
 
+    listed = _cli(site, "list")
+    assert f"threshold {threshold:.4f}  (calibrated v{version} at " in listed.stdout, listed.stdout
+
     run = _cli(site, "reset", "--model", MODEL)
     assert run.returncode == 0, run.stderr
     _wait(lambda: {r["threshold"] for r in _match(site, probes[:6])} == {default}, 10, "reset did not reach workers")
