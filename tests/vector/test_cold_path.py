@@ -10,7 +10,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from psycopg.rows import dict_row
 
+from appliance.audit.export import records_of
 from appliance.index_admin import tombstone_subject
 from appliance.matching import IndexService, ServiceConfig
 from tests.vector.conftest import MODEL, unit, wait_until
@@ -61,6 +63,14 @@ def test_matches_are_answered_cold_while_warming_then_hot(ready_client, match_he
     assert len({c["subject_id"] for c in cold["candidates"]}) == len(cold["candidates"])  # one per subject
     erased = _match(ready_client, match_headers, w)
     assert erased["path"] == "cold" and gone not in {c["subject_id"] for c in erased["candidates"]}
+    assert state.audit.flush(10)  # audited like a hot match, the record saying which path answered
+    with state.pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        rows = cur.execute("SELECT * FROM audit_log WHERE class = 'match' AND %s = ANY(subjects)",
+                           (uuid.UUID(sid),)).fetchall()
+    mine = [r for row in rows for r in records_of(row) if r["action"] == "match" and r["subject_id"] == sid]
+    outcomes = [(rec["outcome"], rec["details"]["path"]) for rec in mine]
+    assert outcomes == [("match", "cold")]
 
     gate.set()
     assert held.wait_ready(60), held.last_error
