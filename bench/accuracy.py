@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from appliance.settings import DEFAULT_MODELS
 from bench.common import RESULTS, write_result
 from vector.fusion import FRAME_CANDIDATES, Frame, naming_threshold
 
@@ -184,8 +185,11 @@ def main() -> None:
                     rule_score(rule, [fr[r] for r in t])[1] for t in tracks["stranger"])
     g, ok = scores(single_g)
     st = np.array(single_s)
-    single = {"probes": {"genuine": len(g), "stranger": len(st)}, "at_far": [at_far(g, ok, st, x) for x in FARS]}
-    op = {x: single["at_far"][i]["threshold"] for i, x in enumerate(FARS)}  # the single-frame thresholds
+    default = DEFAULT_MODELS[MODEL].threshold  # what an appliance applies unless calibrated or told otherwise
+    single = {"probes": {"genuine": len(g), "stranger": len(st)}, "at_far": [at_far(g, ok, st, x) for x in FARS],
+              "at_default_threshold": at_threshold(g, ok, st, default)}
+    op = {str(x): single["at_far"][i]["threshold"] for i, x in enumerate(FARS)}  # the single-frame thresholds
+    op["default"] = default
     curves = {"single": roc(g, ok, st)}
     tracks_out: dict[str, Any] = {}
     for (rule, n), pairs in tr_g.items():
@@ -195,7 +199,7 @@ def main() -> None:
             "rule": rule, "frames": n, "tracks": {"genuine": len(tg), "stranger": len(ts)},
             "at_far": [at_far(tg, tok, ts, x) for x in FARS],
             # the model's threshold calibrated for single frames, applied to the track as the appliance does
-            "at_single_threshold": {str(x): at_threshold(tg, tok, ts, op[x]) for x in FARS},
+            "at_single_threshold": {name: at_threshold(tg, tok, ts, t) for name, t in op.items()},
         }
         if rule in ("fused", "best_frame"):
             curves[f"{rule}/{n}"] = roc(tg, tok, ts)
@@ -240,11 +244,17 @@ def summary(result: dict[str, Any]) -> str:
     def cells(rows: list[dict[str, Any]]) -> str:
         return "    ".join(f"{r['tar']:.3f} ({r['threshold']:.4f})" for r in rows)
 
-    lines = ["rule/frames        TAR@FAR1e-2 (thr)   TAR@FAR1e-3 (thr)   at single-frame 1e-2 thr: TAR / FAR"]
-    lines.append(f"{'single':18} {cells(result['single']['at_far'])}")
+    def at(r: dict[str, Any]) -> str:
+        return f"{r['tar']:.3f} / {r['far']:.5f}"
+
+    d = result["single"]["at_default_threshold"]["threshold"]
+    lines = [f"rule/frames        TAR@FAR1e-2 (thr)   TAR@FAR1e-3 (thr)   TAR / FAR at single-frame 1e-2 thr"
+             f" | at default {d}"]
+    s = result["single"]
+    lines.append(f"{'single':18} {cells(s['at_far'])}    {at(s['at_far'][0])}    {at(s['at_default_threshold'])}")
     for name, t in sorted(result["tracks"].items(), key=lambda kv: (kv[1]["frames"], kv[0])):
-        op = t["at_single_threshold"]["0.01"]
-        lines.append(f"{name:18} {cells(t['at_far'])}    {op['tar']:.3f} / {op['far']:.5f}")
+        op = t["at_single_threshold"]
+        lines.append(f"{name:18} {cells(t['at_far'])}    {at(op['0.01'])}    {at(op['default'])}")
     return "\n".join(lines)
 
 
