@@ -208,7 +208,8 @@ def queries_bench(dsn: str, now: datetime, reps: int) -> dict[str, Any]:
 
 
 class VisitPacer:
-    """``rate`` visits/s recorded on ``loop`` (as the match path records them) while ``active`` is set."""
+    """``rate`` visits/s recorded on ``loop`` (as the match path records them) while ``active`` is set;
+    ``recorder`` None: the same ticks, nothing recorded (the null pacer, for the apparatus)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, recorder: Any, rate: int, camera: str) -> None:
         self.recorder, self.rate, self.camera, self.submitted = recorder, rate, camera, 0
@@ -225,7 +226,8 @@ class VisitPacer:
             last = now
             while owed >= 1:
                 ts = time.time()
-                self.recorder.record(self.camera, None, "unknown", None, 0.5, ts, ts)
+                if self.recorder is not None:
+                    self.recorder.record(self.camera, None, "unknown", None, 0.5, ts, ts)
                 self.submitted += 1
                 owed -= 1
 
@@ -252,10 +254,11 @@ def ingest(settings: Any, token: str, body: bytes, args: argparse.Namespace) -> 
     loop, ctx = server.servers[0].get_loop(), mp.get_context("spawn")
     runs = []
     try:
-        for _ in range(args.repeat):
+        for run in range(args.repeat + 1):
+            null = run == args.repeat  # the last run: the null pacer
             camera = f"bench-{uuid.uuid4().hex[:8]}"
             dropped = DROPPED._value.get()
-            pacer = VisitPacer(loop, state.visits, args.rate, camera)
+            pacer = VisitPacer(loop, None if null else state.visits, args.rate, camera)
             order = [on for r in range(args.rounds) for on in ((False, True) if r % 2 == 0 else (True, False))]
             out = ctx.Queue()
             client = ctx.Process(target=_client, args=(port, token, body, 200.0, len(order) * args.phase + 0.5, out))
@@ -279,7 +282,8 @@ def ingest(settings: Any, token: str, body: bytes, args: argparse.Namespace) -> 
                 committed = int(conn.execute("SELECT count(*) FROM visits WHERE camera_id = %s AND day >= %s",
                                              (camera, datetime.now(UTC).date() - timedelta(days=1))).fetchone()[0])
             base, loaded = split_by_phase(calls, switches, t0 + len(order) * args.phase, SETTLE)
-            row: dict[str, Any] = {"visits_per_s": round(pacer.submitted / on_seconds), "recorded": pacer.submitted,
+            row: dict[str, Any] = {"null_pacer": null, "visits_per_s": round(pacer.submitted / on_seconds),
+                                   "recorded": 0 if null else pacer.submitted,
                                    "committed": committed, "dropped": int(DROPPED._value.get() - dropped)}
             for p in (50, 99):
                 row[f"p{p}_ms"] = [round(pct(base, p), 3), round(pct(loaded, p), 3)]
@@ -289,8 +293,10 @@ def ingest(settings: Any, token: str, body: bytes, args: argparse.Namespace) -> 
             runs.append(row)
     finally:
         server.should_exit = True
+    null_run = runs.pop()
     rises = [r["p99_rise_pct"] for r in runs]
     return {"rate": args.rate, "client_rate": 200, "rounds": args.rounds, "phase_s": args.phase, "runs": runs,
+            "null_pacer": null_run,
             "p99_rise_median_pct": float(np.median(rises)),
             "all_committed": all(r["committed"] == r["recorded"] for r in runs),
             "meets_target": float(np.median(rises)) <= 10.0
@@ -325,7 +331,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--encodings", type=int, default=10_000, help="encodings in the index (ingest)")
     ap.add_argument("--rate", type=int, default=1000, help="extra visits/s in the ingest comparison")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--phase", type=float, default=0.5)
     ap.add_argument("--only", default="queries,ingest")
