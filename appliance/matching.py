@@ -85,7 +85,8 @@ class ServiceConfig:
     tombstone_file: Path | None = None
     redis_probe: bool = False
     cold_timeout: float = 2.0  # seconds per cold-path query while an index warms; 0: answer 503 instead
-    warm_gate: threading.Event | None = None  # tests: warm-up waits for it (to observe the cold path)
+    warm_gate: threading.Event | None = None  # tests: warm-up waits for it (to observe the cold path)...
+    warm_gate_stage: str = "key"  # ...once the template key is known ("key") or the templates are loaded ("loaded")
 
     @classmethod
     def from_settings(cls, settings: Any) -> ServiceConfig:
@@ -139,7 +140,7 @@ class IndexService:
         self.on_threshold: Callable[[str], None] | None = None  # a "threshold" feed message arrived
         self.tracks = track_store(settings, redis_client)
         self.models: dict[str, ModelIndex] = {}
-        self._cold: dict[str, tuple[int, TemplateKey]] = {}  # model -> (version, key) for the cold path
+        self._cold: dict[str, _Cold] = {}  # what the cold path of each warming model may use
         self.dead: set[int] = set()  # read lock-free on the match path; changed only under _dead_lock
         self._dead_lock = threading.Lock()
         self.template_keys: TemplateKeys | None = None
@@ -248,9 +249,9 @@ class IndexService:
         cold = self._cold.get(model)
         if cold is None or self.config.cold_timeout <= 0:
             raise IndexNotReady(f"the index of {model!r} is warming up")
-        version, key = cold
+        version = cold.version
         threshold = self.thresholds[model] if threshold is None else threshold
-        queries = key.protect_query(vectors)
+        queries = cold.key.protect_query(vectors)
         local = self.local_tombstones
         if local is not None and local.changed():
             self.add_tombstones(local.read_new())
@@ -261,8 +262,11 @@ class IndexService:
                 for query in queries:
                     width = k * self.config.oversample + 8
                     while True:
-                        rows, seen, seq = store.search_active(conn, model, self.dims[model], version, query,
-                                                              width, self.dead_labels(), timeout_ms)
+                        if cold.batch is not None:
+                            rows, seen, seq = self._cold_local(conn, model, cold, query, width, timeout_ms)
+                        else:
+                            rows, seen, seq = store.search_active(conn, model, self.dims[model], version, query,
+                                                                  width, self.dead_labels(), timeout_ms)
                         cands = self._cold_candidates(rows, k)
                         if len(cands) >= k or seen < width:
                             break
@@ -273,6 +277,21 @@ class IndexService:
             raise IndexNotReady(f"the index of {model!r} is warming up and PostgreSQL did not answer in time "
                                 f"({type(exc).__name__})") from None
         return results
+
+    def _cold_local(self, conn: psycopg.Connection, model: str, cold: _Cold, query: np.ndarray, width: int,
+                    timeout_ms: int) -> tuple[list[tuple[int, bytes, bytes, float]], int, int]:
+        """Exact search over the templates warm-up has loaded (tens of ms at 1M, one core), plus what
+        PostgreSQL got since (labels above the loaded ones); PostgreSQL then says which of the hits still
+        exist and belong to active subjects. Same answer as ``store.search_active``, a fraction of its CPU."""
+        batch = cold.batch
+        assert batch is not None
+        sims, pos = faiss.knn(query[None, :], batch.templates, min(width, len(batch)), faiss.METRIC_INNER_PRODUCT)
+        hits = [(int(batch.labels[p]), batch.subjects[p].tobytes(), batch.encodings[p].tobytes(), float(sim))
+                for sim, p in zip(sims[0].tolist(), pos[0].tolist(), strict=True) if p >= 0]
+        newer, live, seq = store.newer_and_live(conn, model, self.dims[model], cold.version, query, cold.loaded_max,
+                                                [h[0] for h in hits], timeout_ms)
+        rows = sorted([*newer, *hits], key=lambda r: -r[3])[:width]
+        return [r for r in rows if r[0] in live], len(rows), seq
 
     def _cold_candidates(self, rows: list[tuple[int, bytes, bytes, float]], k: int) -> list[Candidate]:
         """Rows best first -> one candidate per subject, never a tombstoned label (tombstones added since
@@ -338,9 +357,8 @@ class IndexService:
         with self.pool.connection() as conn:
             version = self.template_keys.ensure_model(conn, model, dim)
             key = self.template_keys.get(conn, model, version)
-        self._cold[model] = (version, key)  # matches are answered from PostgreSQL until the index is warm
-        if self.config.warm_gate is not None:
-            self.config.warm_gate.wait()
+        self._cold[model] = _Cold(version, key)  # matches are answered from PostgreSQL until the index is warm
+        self._hold("key")
         mi = self._from_snapshot(model, dim, version, key)
         if mi is None:
             with self.pool.connection() as conn, conn.transaction():
@@ -350,15 +368,24 @@ class IndexService:
                 seq, version = pos
                 batch = store.load_templates(conn, model, dim, version)
                 key = self.template_keys.get(conn, model, version)
+            # While HNSW builds (minutes at 1M), the cold path searches these templates in process
+            self._cold[model] = _Cold(version, key, batch, int(batch.labels.max()) if len(batch) else 0)
+            self._hold("loaded")
             with _faiss_threads(self.config.warm_threads):
                 index = HotIndex.build(dim, batch, self.config.params)
             mi = ModelIndex(model, dim, version, key, index, seq)
             del batch
         self._diff_sync(mi)
         mi.index.delete(self.dead_labels())
+        self._cold[model] = _Cold(mi.version, mi.key)  # the loaded templates are the index's now: let them go
         log.info("index_warm", model=model, size=len(mi.index), kind=mi.index.kind,
                  seconds=round(time.perf_counter() - started, 3), seq=mi.applied_seq)
         return mi
+
+    def _hold(self, stage: str) -> None:
+        gate = self.config.warm_gate
+        if gate is not None and self.config.warm_gate_stage == stage:
+            gate.wait()
 
     def _from_snapshot(self, model: str, dim: int, version: int, key: TemplateKey) -> ModelIndex | None:
         path = self.snapshot_path(model)
@@ -565,6 +592,16 @@ class IndexService:
                                "seq": mi.applied_seq, "memory_bytes": mi.index.memory_bytes(),
                                "from_snapshot": mi.from_snapshot, "ef_search": mi.index.ef_search,
                                "tuned_recall": mi.index.tuned_recall} for m, mi in self.models.items()}}
+
+
+@dataclass
+class _Cold:
+    """A warming model's cold path: its template key and, once loaded, the templates being built into HNSW."""
+
+    version: int
+    key: TemplateKey
+    batch: store.TemplateBatch | None = None
+    loaded_max: int = 0  # highest label in ``batch``: PostgreSQL is asked for anything newer
 
 
 class _VersionChanged(Exception):

@@ -221,3 +221,26 @@ def search_active(
         seq = conn.execute("SELECT feed_seq FROM index_state WHERE model = %s", (model,)).fetchone()
     live = [(int(r[0]), r[1].bytes, r[2].bytes, float(r[3])) for r in rows if r[4]]
     return live, len(rows), int(seq[0]) if seq else 0
+
+
+def newer_and_live(
+    conn: psycopg.Connection, model: str, dim: int, version: int, template: np.ndarray, after: int,
+    labels: list[int], timeout_ms: int,
+) -> tuple[list[tuple[int, bytes, bytes, float]], set[int], int]:
+    """For a cold search over templates loaded up to label ``after``: the model's rows added since, scored
+    against ``template`` (an index range scan: few rows), the subset of ``labels`` plus those rows that
+    still exist and belong to active subjects, and the model's feed position."""
+    query = sql.SQL(
+        "SELECT label, subject_id, id, -((template::vector({d})) <#> %(q)s::vector({d})) FROM encodings "
+        "WHERE model = {m} AND label > %(after)s AND template_version = %(v)s"
+    ).format(d=sql.Literal(dim), m=sql.Literal(check_model_name(model)))
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(max(1, int(timeout_ms)))))
+        newer = [(int(r[0]), r[1].bytes, r[2].bytes, float(r[3])) for r in conn.execute(
+            query, {"q": np.asarray(template, np.float32), "after": after, "v": version}).fetchall()]
+        live = {int(r[0]) for r in conn.execute(
+            "SELECT e.label FROM encodings e JOIN subjects s ON s.id = e.subject_id "
+            "WHERE e.label = ANY(%s) AND e.model = %s AND s.state = 'active'",
+            ([*labels, *(r[0] for r in newer)], model)).fetchall()}
+        seq = conn.execute("SELECT feed_seq FROM index_state WHERE model = %s", (model,)).fetchone()
+    return newer, live, int(seq[0]) if seq else 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -19,24 +19,35 @@ from tests.vector.conftest import MODEL, unit, wait_until
 
 
 @pytest.fixture
-def warming(ready_client, tmp_path) -> Iterator[tuple[IndexService, threading.Event]]:  # type: ignore[no-untyped-def]
-    """The API's worker swapped for one whose warm-up is held (its template key known, its index not built)."""
+def warming(ready_client, tmp_path) -> Iterator[Callable[[str], tuple[IndexService, threading.Event]]]:  # type: ignore[no-untyped-def]
+    """Swaps the API's worker for one whose warm-up is held at ``stage``: "key" (template key known,
+    nothing loaded: the cold path searches PostgreSQL) or "loaded" (templates loaded, HNSW not built:
+    the cold path searches them in process, plus PostgreSQL for anything newer)."""
     state = ready_client.app.state.appliance
-    gate = threading.Event()
-    config = ServiceConfig.from_settings(state.settings)
-    config.snapshot_dir = tmp_path / "snap"
-    config.warm_gate = gate
-    held = IndexService(state.settings, state.pool, state.redis, lambda: state.keys, config)
     hot = state.matcher
-    held.start()
-    try:
-        assert wait_until(lambda: MODEL in held._cold, 30), held.last_error
+    started: list[tuple[IndexService, threading.Event]] = []
+
+    def start(stage: str) -> tuple[IndexService, threading.Event]:
+        gate = threading.Event()
+        config = ServiceConfig.from_settings(state.settings)
+        config.snapshot_dir = tmp_path / "snap"
+        config.warm_gate, config.warm_gate_stage = gate, stage
+        held = IndexService(state.settings, state.pool, state.redis, lambda: state.keys, config)
+        held.start()
+        started.append((held, gate))
+        loaded = (lambda: held._cold.get(MODEL) is not None and held._cold[MODEL].batch is not None) \
+            if stage == "loaded" else (lambda: MODEL in held._cold)
+        assert wait_until(loaded, 30), held.last_error
         state.matcher = held
-        yield held, gate
+        return held, gate
+
+    try:
+        yield start
     finally:
         state.matcher = hot
-        gate.set()
-        held.stop(save=False)
+        for held, gate in started:
+            gate.set()
+            held.stop(save=False)
 
 
 def _match(client, headers, v: np.ndarray) -> dict:  # type: ignore[no-untyped-def, type-arg]
@@ -45,18 +56,22 @@ def _match(client, headers, v: np.ndarray) -> dict:  # type: ignore[no-untyped-d
     return r.json()  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("stage", ["key", "loaded"])
 def test_matches_are_answered_cold_while_warming_then_hot(ready_client, match_headers, new_subject, enrol,
-                                                          warming):
-    held, gate = warming
+                                                          warming, stage):
     state = ready_client.app.state.appliance
-    rng = np.random.default_rng(2024)
-    v, w = unit(rng, 2)
-    sid, gone = new_subject(), new_subject()
+    rng = np.random.default_rng(2024 if stage == "key" else 2025)
+    v, w, u = unit(rng, 3)
+    sid, gone, late = new_subject(), new_subject(), new_subject()
     enrol(sid, np.stack([v, v + 0.05 * unit(rng, 1)[0]]))
     enrol(gone, w[None, :])
+    held, gate = warming(stage)
+    enrol(late, u[None, :])  # after the warming worker loaded its templates: found through PostgreSQL
     tombstone_subject(state, uuid.UUID(gone))  # erased while this worker warms: known only from the host file
-    assert not held.ready
+    assert not held.ready and (held._cold[MODEL].batch is not None) == (stage == "loaded")
 
+    newest = _match(ready_client, match_headers, u)
+    assert (newest["path"], newest["subject_id"]) == ("cold", late)
     cold = _match(ready_client, match_headers, v)
     assert (cold["path"], cold["decision"], cold["subject_id"]) == ("cold", "match", sid)
     assert cold["similarity"] == pytest.approx(1.0, abs=1e-4)
@@ -82,7 +97,7 @@ def test_matches_are_answered_cold_while_warming_then_hot(ready_client, match_he
 
 
 def test_cold_path_off_answers_503_while_warming(ready_client, match_headers, warming):
-    held, _gate = warming
+    held, _gate = warming("key")
     held.config.cold_timeout = 0
     probe = unit(np.random.default_rng(1), 1)[0].tolist()
     r = ready_client.post("/v1/match", json={"model": MODEL, "embedding": probe}, headers=match_headers)
