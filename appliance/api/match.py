@@ -3,7 +3,8 @@
 API-key check (cached) → parse and validate (JSON strictly by its schema, or raw little-endian
 float32 with options in the query, never both; dimension, finite, a norm float32 can normalise) →
 protect and search the in-process index → drop tombstoned labels → one candidate per subject
-(similarities clamped to [-1, 1]) → threshold → queue one audit event per embedding → reply.
+(similarities clamped to [-1, 1]) → threshold → queue one audit event per embedding → fold each result
+into its visit (in memory) → reply.
 No PostgreSQL, Vault or S3 round trip.
 
 Plain FastAPI routes, inside the same middlewares as every route (request id, body cap, metrics, access
@@ -176,8 +177,10 @@ def answer(state: AppState, key: ApiKey, ctype: str, query: str, body: bytes, ba
     opts, vectors = parse(service, ctype, query, body, batch)
     results = service.match(opts.model, vectors, opts.k, opts.threshold)
     submit = state.audit.submit
+    visit = state.visits.record_match  # folds into an in-memory buffer; a writer thread COPYs it (appliance.visits)
     for r in results:
         best = r.best
+        visit(r, opts.camera_id, opts.track_id)
         submit(AuditEvent(
             "match", key.actor, outcome=r.decision,
             subject_id=best.subject_id if best is not None and r.decision == "match" else None,
