@@ -68,7 +68,8 @@ bench-tools:
 
 ## Benchmarks (not in CI, ~35 min): JSON under bench/results/, each with its baseline from the same run.
 bench: $(STAMP) bench-tools
-	$(BIN)/python bench/match.py --n 10000 --n 100000
+	$(BIN)/python bench/match.py --n 10000 --n 100000 --track-frames 5
+	$(BIN)/python bench/accuracy.py
 	$(BIN)/python bench/enrol.py
 	$(BIN)/python bench/media.py
 	$(BIN)/python bench/audit.py

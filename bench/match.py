@@ -10,6 +10,7 @@ PostgreSQL, restart-to-ready from the sealed snapshot. Writes bench/results/matc
 
 Usage: python bench/match.py [--n 100000] [--queries 1000] [--duration 5] [--workers 1]
        python bench/match.py --n 1000000      (slow: loads 1M encodings once into var/bench-match-1000000)
+       python bench/match.py --n 10000 --track-frames 5   (also: frames with a track_id against frames without)
 """
 
 from __future__ import annotations
@@ -191,6 +192,40 @@ def wrk_concurrent(server: Server, q: np.ndarray, connections: int, duration: fl
     return out
 
 
+def track_cost(server: Server, q: np.ndarray, frames: int, block: int = 50) -> dict[str, Any]:
+    """Frames without and with a ``track_id`` (``frames`` per track, then a new track), alternated in
+    blocks on one connection so drift and other load hit both alike: latency and server CPU per request
+    of each, and their ratios (the extra cost of track fusion)."""
+    client = RawClient(server.port)
+    run = uuid.uuid4().hex[:8]
+    path = f"/v1/match?model={MODEL}&k=10"
+    reqs = {"plain": [RawClient.build(path, v.astype("<f4").tobytes(), server.token) for v in q],
+            "track": [RawClient.build(f"{path}&camera_id=bench&track_id={run}-{i // frames}",
+                                      v.astype("<f4").tobytes(), server.token) for i, v in enumerate(q)]}
+    status, body = client.send(reqs["track"][0])
+    assert status == 200 and json.loads(body)["track"]["frames"] >= 1, body
+    for name in reqs:
+        for r in reqs[name][:50]:  # warm
+            client.send(r)
+    lat: dict[str, list[float]] = {"plain": [], "track": []}
+    cpu = {"plain": 0.0, "track": 0.0}
+    for n, start in enumerate(range(0, len(q), block)):
+        for name in ("plain", "track") if n % 2 == 0 else ("track", "plain"):
+            cpu0 = server_cpu(server)
+            for r in reqs[name][start: start + block]:
+                t = time.perf_counter()
+                status, body = client.send(r)
+                lat[name].append(time.perf_counter() - t)
+                assert status == 200, body
+            cpu[name] += server_cpu(server) - cpu0
+    out: dict[str, Any] = {"frames_per_track": frames}
+    for name in lat:
+        out[name] = {**_stats(lat[name]), "server_cpu_ms_per_request": round(cpu[name] / len(lat[name]) * 1e3, 3)}
+    for stat in ("p50_ms", "p99_ms", "server_cpu_ms_per_request"):
+        out[f"ratio_{stat}_track_over_plain"] = round(out["track"][stat] / out["plain"][stat], 3)
+    return out
+
+
 def _stats(lat: list[float]) -> dict[str, float]:
     return {"n": len(lat), "p50_ms": round(pct(lat, 50) * 1e3, 3), "p99_ms": round(pct(lat, 99) * 1e3, 3),
             "per_second": round(len(lat) / sum(lat), 1) if lat else 0.0}
@@ -291,7 +326,7 @@ def faiss_run(stack: Any, pq: np.ndarray, truth: list[list[int]], sid_ident: dic
 
 
 def run_scale(n: int, n_queries: int, duration: float, workers: int, skip_pgvector: bool = False,
-              keep_snapshot: bool = False) -> dict[str, Any]:
+              keep_snapshot: bool = False, track_frames: int = 0) -> dict[str, Any]:
 
     from appliance.matching import ServiceConfig
 
@@ -318,6 +353,10 @@ def run_scale(n: int, n_queries: int, duration: float, workers: int, skip_pgvect
         c1, found = api_run(server, q, to_ident)
         c1["recall_at_1"], c1["recall_at_10"] = recall(found, truth)
         c1["load_generator"] = "python, sequential"
+        tracks = {}
+        if track_frames:
+            print(f"[{n}] frames with and without track_id ({workers} worker(s))")
+            tracks[f"{workers}worker"] = track_cost(server, q, track_frames)
         print(f"[{n}] concurrency 8")
         c8 = api_concurrent(server, q, 8, duration)
         c8["workers"], c8["load_generator"] = workers, "python, 8 threads"
@@ -341,6 +380,9 @@ def run_scale(n: int, n_queries: int, duration: float, workers: int, skip_pgvect
     server = Server(stack, token, workers=2)
     try:
         server.wait_all_workers()
+        if track_frames:
+            print(f"[{n}] frames with and without track_id (2 workers: evidence shared through Redis)")
+            tracks["2workers"] = track_cost(server, q, track_frames)
         c8_two = api_concurrent(server, q, 8, duration)
         c8_two["workers"], c8_two["load_generator"] = 2, "python, 8 threads"
         if wrk_available():
@@ -363,6 +405,7 @@ def run_scale(n: int, n_queries: int, duration: float, workers: int, skip_pgvect
         "pg_hnsw_build_seconds": pg_index_s,
         "ours_c1": c1, "ours_c8": c8, "ours_c8_2workers": c8_two, "pgvector_c1": pg, "faiss_c1": fl,
         **{f"ours_{k}_wrk": v for k, v in wrk.items()},
+        **({"track_cost": tracks} if tracks else {}),
         "ratio_p50_ours_over_pgvector": round(c1["p50_ms"] / pg["p50_ms"], 3),
         "ratio_p99_ours_over_pgvector": round(c1["p99_ms"] / pg["p99_ms"], 3),
         "ratio_p50_ours_over_faiss": round(c1["p50_ms"] / fl["p50_ms"], 1),
@@ -383,11 +426,13 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--skip-pgvector", action="store_true", help="no pgvector HNSW build/peer (1M: saves ~15 min)")
+    ap.add_argument("--track-frames", type=int, default=0,
+                    help="also time frames sent with a track_id (N frames per track) against frames without")
     ap.add_argument("--keep-snapshot", action="store_true",
                     help="start from the existing snapshot instead of measuring a cold warm-up (1M: saves ~7 min)")
     args = ap.parse_args()
-    results = [run_scale(n, args.queries, args.duration, args.workers, args.skip_pgvector, args.keep_snapshot)
-               for n in (args.n or [10_000, 100_000])]
+    results = [run_scale(n, args.queries, args.duration, args.workers, args.skip_pgvector, args.keep_snapshot,
+                         args.track_frames) for n in (args.n or [10_000, 100_000])]
     name = "match" if not args.n else "match_" + "_".join(str(n) for n in args.n)
     path = write_result(name, {"results": results})
     print(f"\n{'n':>8} {'path':10} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'R@1':>6} {'R@10':>6}")
@@ -401,6 +446,11 @@ def main() -> None:
             s = r[key]
             print(f"{r['n']:>8} {label:10} {s['p50_ms']:>8} {s['p99_ms']:>8} {s['per_second']:>8} "
                   f"{s.get('recall_at_1', ''):>6} {s.get('recall_at_10', ''):>6}")
+        for where, t in r.get("track_cost", {}).items():
+            print(f"{'':>8} track_id ({where}, {t['frames_per_track']} frames/track) / none: p50 "
+                  f"{t['ratio_p50_ms_track_over_plain']}x, p99 {t['ratio_p99_ms_track_over_plain']}x, server CPU "
+                  f"{t['ratio_server_cpu_ms_per_request_track_over_plain']}x "
+                  f"({t['track']['server_cpu_ms_per_request']} vs {t['plain']['server_cpu_ms_per_request']} ms)")
         first = r.get("cold_start_ready_seconds", r.get("first_start_from_snapshot_seconds"))
         print(f"{'':>8} rss {r['server_rss_mb']} MB, index {r['hot_index_mb']} MB ({r['index_kind']}), first start "
               f"{first} s, restart {r['restart_ready_seconds']} s")

@@ -34,6 +34,7 @@ from appliance.matching import IndexService, MatchResult
 from appliance.state import AppState
 from appliance.types import SafeText
 from vector.errors import InvalidVector, UnknownModel
+from vector.fusion import TrackDecision
 from vector.matcher import uuid_text
 from vector.templates import as_matrix, from_float32_bytes
 
@@ -49,6 +50,9 @@ class MatchOptions(BaseModel):
     k: int = Field(default=5, ge=1, le=MAX_K)
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False,
                                     description="Default: the model's threshold.")
+    min_margin: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False,
+                                     description='A best subject less than this far ahead of the runner-up is '
+                                                 '"unknown" (the frame and the track).')
     camera_id: SafeText | None = Field(default=None, max_length=200)
     track_id: SafeText | None = Field(default=None, max_length=200)
 
@@ -67,10 +71,20 @@ class CandidateOut(BaseModel):
     similarity: float
 
 
+class TrackOut(BaseModel):
+    decision: str = Field(description='"match" when the track names ``subject_id`` (docs/api.md, "Track fusion").')
+    subject_id: uuid.UUID | None
+    score: float = Field(description="The best subject's mean similarity over the track's recent frames.")
+    frames: int = Field(description="Frames of this track so far, this one included.")
+    changed: bool = Field(description="This frame changed the fused decision or its subject (true on the first).")
+
+
 class MatchResponse(BaseModel):
     decision: str = Field(description='"match" when the best similarity reaches the threshold, else "unknown".')
     subject_id: uuid.UUID | None
     similarity: float | None
+    margin: float | None = Field(description="Best similarity minus the best other subject's (null: one subject).")
+    track: TrackOut | None = Field(description="The track's fused answer; null without a track_id.")
     threshold: float
     candidates: list[CandidateOut]
     index_version: str
@@ -163,9 +177,19 @@ def render(r: MatchResult) -> str:
                      f'"similarity":{round(c.similarity, 6)!r}}}' for c in cands)
     subject = f'"{uuid_text(best.subject)}"' if best else "null"
     similarity = repr(round(cands[0].similarity, 6)) if cands else "null"
-    return (f'{{"decision":"{r.decision}","subject_id":{subject},"similarity":{similarity},'
+    margin = "null" if r.margin is None else repr(round(r.margin, 6))
+    return (f'{{"decision":"{r.decision}","subject_id":{subject},"similarity":{similarity},"margin":{margin},'
+            f'"track":{render_track(r.track)},'
             f'"threshold":{float(r.threshold)!r},"candidates":[{items}],"index_version":"{r.index_version}",'
             f'"path":"{r.path}"}}')
+
+
+def render_track(t: TrackDecision | None) -> str:
+    if t is None:
+        return "null"
+    subject = f'"{uuid_text(t.subject)}"' if t.subject is not None else "null"
+    return (f'{{"decision":"{t.decision}","subject_id":{subject},"score":{round(t.score, 6)!r},'
+            f'"frames":{t.frames},"changed":{"true" if t.changed else "false"}}}')
 
 
 def answer(state: AppState, key: ApiKey, ctype: str, query: str, body: bytes, batch: bool,
@@ -175,11 +199,13 @@ def answer(state: AppState, key: ApiKey, ctype: str, query: str, body: bytes, ba
     if service is None:  # only before the lifespan has started it
         raise DependencyUnavailable("the hot index is not started")
     opts, vectors = parse(service, ctype, query, body, batch)
-    results = service.match(opts.model, vectors, opts.k, opts.threshold)
+    results = service.identify(opts.model, vectors, opts.k, opts.threshold, opts.min_margin, opts.camera_id,
+                               opts.track_id)
     submit = state.audit.submit
     visit = state.visits.record_match  # folds into an in-memory buffer; a writer thread COPYs it (appliance.visits)
     for r in results:
         best = r.best
+        track = r.track
         visit(r, opts.camera_id, opts.track_id)
         submit(AuditEvent(
             "match", key.actor, outcome=r.decision,
@@ -187,6 +213,7 @@ def answer(state: AppState, key: ApiKey, ctype: str, query: str, body: bytes, ba
             request_id=request_id,
             details={"model": opts.model, "k": opts.k, "similarity": round(best.similarity, 4) if best else None,
                      "threshold": r.threshold, "camera_id": opts.camera_id, "track_id": opts.track_id,
+                     **({} if track is None else {"track": track.decision, "track_frames": track.frames}),
                      "index_version": r.index_version, "candidates": len(r.candidates), "path": r.path},
         ))
     if batch:

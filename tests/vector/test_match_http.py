@@ -112,6 +112,8 @@ def test_render_is_the_documented_json() -> None:
             "decision": decision,
             "subject_id": str(best.subject_id) if best else None,
             "similarity": round(cands[0].similarity, 6),
+            "margin": None,
+            "track": None,
             "threshold": threshold,
             "candidates": [{"subject_id": str(c.subject_id), "encoding_id": str(c.encoding_id),
                             "similarity": round(c.similarity, 6)} for c in cands],
