@@ -275,3 +275,24 @@ def test_redis_down_falls_back_to_this_workers_own_evidence() -> None:
     store = RedisTracks(dead, TrackConfig(), Clock())
     decisions = [store.observe("m", "c", "t", [f], T)[0] for f in FRAMES]
     assert _view(decisions) == _view(MemoryTracks(TrackConfig(), Clock()).observe("m", "c", "t", FRAMES, T))
+
+
+def test_settings_refuse_a_track_that_could_never_name_anyone() -> None:
+    from pydantic import ValidationError
+
+    from appliance.settings import Settings
+
+    with pytest.raises(ValidationError, match="track_min_frames"):
+        Settings(track_window=3, track_min_frames=4)
+    assert Settings(track_window=3, track_min_frames=3).track_min_frames == 3
+
+
+def test_auto_store_is_shared_exactly_when_there_are_several_workers(redis_url) -> None:  # type: ignore[no-untyped-def]
+    from appliance.matching import track_store
+    from appliance.settings import Settings
+
+    client = redis.Redis.from_url(redis_url)
+    assert isinstance(track_store(Settings(workers=1), client), MemoryTracks)
+    assert isinstance(track_store(Settings(workers=2), client), RedisTracks)
+    assert isinstance(track_store(Settings(workers=2, track_store="memory"), client), MemoryTracks)
+    assert isinstance(track_store(Settings(workers=1, track_store="redis"), client), RedisTracks)
