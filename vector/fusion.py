@@ -65,13 +65,24 @@ class Frame:
         return cls(tuple(c.subject for c in top), tuple(float(c.similarity) for c in top))
 
     def pack(self) -> bytes:
-        """16-byte subject + float64 similarity per candidate (the Redis store's value)."""
-        return b"".join(_PAIR.pack(s, x) for s, x in zip(self.subjects, self.sims, strict=True))
+        """The Redis store's value: a count byte, then a 16-byte subject + float64 similarity per candidate."""
+        return bytes((len(self.subjects),)) + b"".join(
+            _PAIR.pack(s, x) for s, x in zip(self.subjects, self.sims, strict=True))
 
     @classmethod
     def unpack(cls, raw: bytes) -> Frame:
-        pairs = list(_PAIR.iter_unpack(raw))
-        return cls(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+        return cls.unpack_many(raw)[0]
+
+    @classmethod
+    def unpack_many(cls, blob: bytes) -> list[Frame]:
+        """Packed frames one after another (what the Redis store hands back in one reply)."""
+        out, pos = [], 0
+        while pos < len(blob):
+            end = pos + 1 + blob[pos] * _PAIR.size
+            pairs = list(_PAIR.iter_unpack(blob[pos + 1: end]))
+            out.append(cls(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)))
+            pos = end
+        return out
 
 
 _PAIR = struct.Struct("<16sd")
@@ -243,7 +254,7 @@ redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return {n, redis.call('HGET', KEYS[2], 'first'), redis.call('LRANGE', KEYS[1], 0, -1)}
+return {n, redis.call('HGET', KEYS[2], 'first'), table.concat(redis.call('LRANGE', KEYS[1], 0, -1))}
 """
 
 
@@ -285,7 +296,7 @@ class RedisTracks:
             return self.fallback.observe(model, camera_id, track_id, frames, threshold, min_margin)
         out = []
         for seen, first, raw in replies:
-            window = [Frame.unpack(x) for x in raw]
+            window = Frame.unpack_many(raw)  # one bulk reply: cheaper to parse than one per frame
             out.append(_decide(window, self.config, threshold, min_margin, camera_id, track_id,
                                int(seen), float(first), now)[0])
         return out

@@ -112,7 +112,9 @@ def test_naming_threshold_is_exactly_where_fuse_starts_naming() -> None:
 def test_frames_round_trip_through_their_packed_form() -> None:
     f = frame((7, 0.9512345678), (9, -0.25))
     assert Frame.unpack(f.pack()) == f
-    assert Frame.unpack(b"") == Frame((), ())
+    empty = Frame((), ())
+    assert Frame.unpack(empty.pack()) == empty
+    assert Frame.unpack_many(f.pack() + empty.pack() + f.pack()) == [f, empty, f]
 
 
 # --- real embeddings ----------------------------------------------------------------------------------
