@@ -88,3 +88,23 @@ def test_retain_until_is_validated_and_can_be_cleared(gdpr_client, staff_headers
     assert r.json()["retain_until"].startswith("2030-01-01") and r.json()["label"] == "Person 13"
     r = gdpr_client.patch(f"/v1/subjects/{sid}", json={"retain_until": None}, headers=staff_headers)
     assert r.status_code == 200 and r.json()["retain_until"] is None
+
+
+def test_the_sweep_drops_old_visit_days_and_audits_both_retentions(stack, state, admin_dsn, monkeypatch) -> None:
+    from appliance.commands.retention import _expire_faces_and_visits
+    from appliance.visits.recorder import VisitRecorder
+
+    old = datetime.now(UTC) - timedelta(days=45)
+    rec = VisitRecorder(state.pool)
+    rec.record("door-old", None, "unknown", None, 0.2, old.timestamp(), old.timestamp())
+    rec.write_once()
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(stack.config_file))
+    _expire_faces_and_visits(dry_run=False)
+    with psycopg.connect(admin_dsn) as conn:
+        assert conn.execute("SELECT to_regclass(%s)", (f"visits_{old:%Y%m%d}",)).fetchone()[0] is None
+        dropped = conn.execute("SELECT details FROM audit_log WHERE action = 'visits.retention' "
+                               "ORDER BY ts DESC LIMIT 1").fetchone()[0]
+        swept = conn.execute("SELECT details FROM audit_log WHERE action = 'subject.retention' "
+                             "ORDER BY ts DESC LIMIT 1").fetchone()[0]
+    assert f"visits_{old:%Y%m%d}" in dropped["dropped"] and dropped["days"] == 30
+    assert swept["dry_run"] is False and swept["subject_retention_days"] == 730
