@@ -97,7 +97,10 @@ def visit_summary(
 ) -> VisitSummary:
     flt = _filter(from_, to)
     with state.pool.connection() as conn, conn.transaction():
-        buckets = queries.summary(conn, flt.start, flt.end, interval, group_by)
+        try:
+            buckets = queries.summary(conn, flt.start, flt.end, interval, group_by)
+        except VisitQueryError as exc:
+            raise Unprocessable(str(exc)) from None
         state.audit.record(conn, AuditEvent("visits.summary", key.actor,
                                             request_id=getattr(request.state, "request_id", None),
                                             details={"from": flt.start.isoformat(), "to": flt.end.isoformat(),

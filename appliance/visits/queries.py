@@ -21,6 +21,7 @@ from psycopg import sql
 Interval = Literal["hour", "day"]
 GroupBy = Literal["camera", "decision", "subject"]
 MAX_RANGE = timedelta(days=400)
+MAX_HOURLY_RANGE = timedelta(days=31)  # hourly buckets beyond a month make replies of megabytes: use days
 ROLLUP_SETTLE = timedelta(minutes=15)  # an hour is rolled up once it ended this long ago
 ROLLUP_HOURS_PER_ROUND = 24  # the writer's roll-up work per round (each round one short transaction)
 ROLLUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('visit_rollup'))"  # also taken by visits_invalidate_hours
@@ -129,6 +130,8 @@ def summary(conn: Any, start: datetime, end: datetime, interval: Interval, group
     ``visit_rollup``; everything else (the open edges of the range, hours not rolled up yet or that an
     erasure invalidated) is counted from ``visits``. A read never writes: the visit writer keeps the
     roll-ups current (``roll_up``, ``roll_up_days``)."""
+    if interval == "hour" and end - start > MAX_HOURLY_RANGE:
+        raise VisitQueryError(f"interval=hour covers at most {MAX_HOURLY_RANGE.days} days; use interval=day")
     now = now or datetime.now(UTC)
     counts: dict[tuple[datetime, str], int] = defaultdict(int)
     rest = [(start, end)]
