@@ -112,8 +112,8 @@ def _tally(frames: Sequence[Frame]) -> tuple[float, dict[bytes, float], dict[byt
 
 def fuse(frames: Sequence[Frame], threshold: float, min_frames: int, min_margin: float | None = None) -> Fused:
     """The module rule over ``frames`` (oldest first). Deterministic: ties go to the smaller subject id,
-    so every worker that sees the same frames gives the same answer. One pass, no sort: it runs twice
-    per frame with a ``track_id`` on the match path."""
+    so every worker that sees the same frames gives the same answer. One pass, no sort: it runs once or
+    twice per frame with a ``track_id`` on the match path."""
     excess: dict[bytes, float] = {}  # sum over frames of (similarity - that frame's floor)
     floor_sum = 0.0
     for f in frames:
@@ -292,7 +292,7 @@ class RedisTracks:
                 for frame in frames:
                     self._script(keys, [frame.pack(), repr(now), self.config.window + 1, ttl_ms], client=pipe)
                 replies = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError):
+        except redis.RedisError:  # down, slow, or refusing writes (maxmemory): a match never fails for it
             return self.fallback.observe(model, camera_id, track_id, frames, threshold, min_margin)
         out = []
         for seen, first, raw in replies:

@@ -6,6 +6,8 @@ stack's real Redis."""
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
 import redis
@@ -298,3 +300,20 @@ def test_auto_store_is_shared_exactly_when_there_are_several_workers(redis_url) 
     assert isinstance(track_store(Settings(workers=2), client), RedisTracks)
     assert isinstance(track_store(Settings(workers=2, track_store="memory"), client), MemoryTracks)
     assert isinstance(track_store(Settings(workers=1, track_store="redis"), client), RedisTracks)
+
+
+def test_redis_refusing_writes_falls_back_instead_of_failing_the_match(redis_url) -> None:  # type: ignore[no-untyped-def]
+    """A Redis that answers but refuses the write (here: an ACL user without write rights; in the field:
+    maxmemory with noeviction) must not turn a match into a 500."""
+    admin = redis.Redis.from_url(redis_url)
+    user, password = f"fusion-ro-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"],
+                      commands=["+@read", "+@scripting", "+@connection", "-@write"])
+    try:
+        kw = admin.connection_pool.connection_kwargs
+        client = redis.Redis(host=kw["host"], port=kw["port"], username=user, password=password)
+        store = RedisTracks(client, TrackConfig(), Clock())
+        decisions = [store.observe("m", "c", "t", [f], T)[0] for f in FRAMES]
+        assert _view(decisions) == _view(MemoryTracks(TrackConfig(), Clock()).observe("m", "c", "t", FRAMES, T))
+    finally:
+        admin.acl_deluser(user)
