@@ -137,6 +137,8 @@ class IndexService:
         # The threshold each model applies when a request names none: the configured default until an
         # applied calibration replaces it (appliance.calibration.ThresholdRefresher writes here).
         self.thresholds = {name: spec.threshold for name, spec in settings.models.items()}
+        # The fused decision of a track has its own (ModelSpec.track_threshold; same refresher).
+        self.track_thresholds = {name: spec.fused_threshold for name, spec in settings.models.items()}
         self.on_threshold: Callable[[str], None] | None = None  # a "threshold" feed message arrived
         self.tracks = track_store(settings, redis_client)
         self.models: dict[str, ModelIndex] = {}
@@ -197,7 +199,8 @@ class IndexService:
         """``match`` plus what a door decides on: each frame's margin to the runner-up subject (so at
         least 2 subjects are searched), ``min_margin`` (a closer call is "unknown"), and, with a
         ``track_id``, the track's fused answer (fusion sees each frame's top FRAME_CANDIDATES subjects
-        whatever ``k``; ``vector.fusion``). Frames of a batch are one track's frames, in order."""
+        whatever ``k``; ``vector.fusion``). Frames of a batch are one track's frames, in order. The fused
+        decision applies the model's track threshold; a request's own ``threshold`` wins for both."""
         results = self.match(model, vectors, max(k, FRAME_CANDIDATES if track_id is not None else 2), threshold)
         for r in results:
             c = r.candidates
@@ -207,7 +210,8 @@ class IndexService:
                     r.decision = "unknown"
         if track_id is not None and results:
             frames = [Frame.of(r.candidates) for r in results]
-            decisions = self.tracks.observe(model, camera_id, track_id, frames, results[0].threshold, min_margin)
+            fused_t = threshold if threshold is not None else self.track_thresholds.get(model, results[0].threshold)
+            decisions = self.tracks.observe(model, camera_id, track_id, frames, fused_t, min_margin)
             for r, d in zip(results, decisions, strict=True):
                 r.track = d
         for r in results:
@@ -242,10 +246,11 @@ class IndexService:
                             cands, threshold, mi.index_version) for cands in found]
 
     def _match_cold(self, model: str, vectors: np.ndarray, k: int, threshold: float | None) -> list[MatchResult]:
-        """While the model's hot index warms (minutes at 1M without a snapshot): exact search in
-        PostgreSQL over the protected templates of active subjects, tombstoned labels excluded, answered
-        with ``path="cold"``. 503 until the template key is known, or when the query does not finish
-        within ``cold_timeout``."""
+        """While the model's hot index warms (minutes at 1M without a snapshot): exact search over the
+        protected templates of active subjects, tombstoned labels excluded, answered with ``path="cold"``:
+        in PostgreSQL until warm-up has loaded the templates, then over that copy in process
+        (``_cold_local``). 503 until the template key is known, or when PostgreSQL does not answer within
+        ``cold_timeout``."""
         cold = self._cold.get(model)
         if cold is None or self.config.cold_timeout <= 0:
             raise IndexNotReady(f"the index of {model!r} is warming up")
