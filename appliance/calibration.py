@@ -1,7 +1,9 @@
 """Calibrated thresholds: measure a model on the site's own enrolments, store the result, apply it everywhere.
 
 - ``measure`` reads the protected templates of active subjects (binary COPY, no DEK unwrapped: the
-  template transform preserves inner products) and runs ``vector.calibration``.
+  template transform preserves inner products) and runs ``vector.calibration`` twice: single frames
+  (``score_sets``) and simulated tracks (``track_scores``: the fused decision's own threshold, for the
+  same FAR target per stranger track).
 - ``record`` inserts a versioned ``model_thresholds`` row and its audit record in one transaction;
   ``applied=True`` makes it the model's threshold, after which ``notify`` tells every worker through the
   change feed.
@@ -9,7 +11,8 @@
   a feed message and every ``model_threshold_refresh_interval`` seconds (the fallback while Redis is
   down), and writes ``IndexService.thresholds``. The match path only reads that dict.
 
-Precedence on a match: the request's own ``threshold`` > the applied calibration > the configured default.
+Precedence on a match, for the frame's threshold and the track's alike: the request's own ``threshold`` >
+the applied calibration > the configured default (``threshold``, ``track_threshold``).
 """
 
 from __future__ import annotations
@@ -37,20 +40,35 @@ DEFAULT_SOURCE = "configured default"
 
 @dataclass(frozen=True)
 class Measurement:
-    """A calibration report and the data it was measured on."""
+    """A calibration report (single frames, and the fused decision of tracks) and the data it was measured on."""
 
     model: str
     report: calibration.Report
     template_version: int | None
     feed_seq: int | None
+    track: calibration.Report | None = None  # genuine "pairs" are 3-frame tracks, impostor trials stranger tracks
+    track_tar: dict[str, float | int] | None = None  # TAR of 3- and 5-frame tracks at the chosen track threshold
 
     def to_json(self) -> dict[str, Any]:
+        track = None if self.track is None else {**self.track.to_json(), "tar_by_frames": self.track_tar}
         return {"model": self.model, "template_version": self.template_version, "feed_seq": self.feed_seq,
-                **self.report.to_json()}
+                **self.report.to_json(), "track": calibration._finite(track)}
+
+    @property
+    def refused(self) -> str | None:
+        """Why ``--apply`` is refused: either threshold missing its target (both are applied, or neither)."""
+        if self.report.chosen is None:
+            return self.report.refused or "target refused"
+        if self.track is None or self.track.chosen is None:
+            return "track threshold: " + (self.track.refused if self.track is not None and self.track.refused
+                                          else "not measured")
+        return None
 
 
-def measure(conn: Connection[Any], model: str, dim: int, target_far: float) -> Measurement:
-    """Score every active encoding of ``model`` against the others (one snapshot of the table)."""
+def measure(conn: Connection[Any], model: str, dim: int, target_far: float, min_frames: int = 2,
+            window: int = 10) -> Measurement:
+    """Score every active encoding of ``model`` against the others (one snapshot of the table), as single
+    frames and as simulated tracks fused with ``min_frames`` / ``window`` (the settings ``track_*``)."""
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         pos = store.feed_position(conn, model)
@@ -65,30 +83,40 @@ def measure(conn: Connection[Any], model: str, dim: int, target_far: float) -> M
             if gone:
                 batch = batch.take(~np.isin(batch.labels, [int(r[0]) for r in gone]))
     scores = calibration.score_sets(batch.templates, batch.subjects)
-    return Measurement(model, calibration.calibrate(scores, target_far), version, seq)
+    tracks = calibration.track_scores(batch.templates, batch.subjects, min_frames=min_frames, window=window)
+    track = calibration.calibrate(tracks.scores(calibration.TRACK_GENUINE_FRAMES[0]), target_far)
+    tar = calibration.track_tar(tracks, track.chosen.threshold) if track.chosen is not None else None
+    return Measurement(model, calibration.calibrate(scores, target_far), version, seq, track, tar)
 
 
 def record(conn: Connection[Any], m: Measurement, actor: str, apply: bool, request_id: str | None = None) -> int:
     """Store a calibration (``apply``: as the model's threshold) with its audit record; returns its version.
 
-    Raises ``calibration.InsufficientData`` (nothing stored) when ``apply`` but the target was refused.
+    Raises ``calibration.InsufficientData`` (nothing stored) when ``apply`` but either target was refused
+    (single frames or tracks: they are applied together).
     """
     chosen = m.report.chosen
-    if apply and chosen is None:
-        raise calibration.InsufficientData(m.report.refused or "target refused", needed=m.report.subjects_needed,
-                                           have=m.report.subjects)
+    fused = m.track.chosen if m.track is not None else None
+    if apply and m.refused is not None:
+        short = m.track if chosen is not None and m.track is not None else m.report
+        raise calibration.InsufficientData(m.refused, needed=short.subjects_needed, have=short.subjects)
     with conn.transaction():
         version = _next_version(conn, m.model)
         conn.execute(
-            "INSERT INTO model_thresholds (model, version, applied, threshold, target_far, subjects, encodings, "
-            "template_version, feed_seq, report, created_by) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (m.model, version, apply, chosen.threshold if chosen else None, m.report.target_far, m.report.subjects,
+            "INSERT INTO model_thresholds (model, version, applied, threshold, track_threshold, target_far, subjects, "
+            "encodings, template_version, feed_seq, report, created_by) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (m.model, version, apply, chosen.threshold if chosen else None, fused.threshold if fused else None,
+             m.report.target_far, m.report.subjects,
              m.report.encodings, m.template_version, m.feed_seq, Jsonb(m.to_json()), actor))
         details: dict[str, Any] = {"model": m.model, "version": version, "target_far": m.report.target_far,
                                    "subjects": m.report.subjects, "encodings": m.report.encodings,
                                    "template_version": m.template_version, "feed_seq": m.feed_seq}
         if chosen is not None:
             details.update(threshold=chosen.threshold, far_upper_bound=chosen.far_upper_bound, tar=chosen.tar)
+        if fused is not None:
+            details.update(track_threshold=fused.threshold, track_far_upper_bound=fused.far_upper_bound,
+                           track_tar_3_frames=fused.tar)
         record_event(conn, AuditEvent(action="model.threshold.apply" if apply else "model.calibrate", actor=actor,
                                       object_id=f"{m.model}/v{version}", request_id=request_id, details=details))
     return version
@@ -134,24 +162,32 @@ class Applied:
     target_far: float | None
     created_by: str
     created_at: datetime
+    track_threshold: float | None = None  # None with a threshold: applied before 0012, the track uses ``threshold``
+
+    def fused(self, default: float) -> float:
+        """The track threshold this row applies (``default``: the configured one, after a reset)."""
+        if self.threshold is None:
+            return default
+        return self.threshold if self.track_threshold is None else self.track_threshold
 
 
 def applied_thresholds(conn: Connection[Any]) -> dict[str, Applied]:
     rows = conn.execute(
-        "SELECT DISTINCT ON (model) model, version, threshold, target_far, created_by, created_at "
+        "SELECT DISTINCT ON (model) model, version, threshold, target_far, created_by, created_at, track_threshold "
         "FROM model_thresholds WHERE applied ORDER BY model, version DESC").fetchall()
-    return {r[0]: Applied(int(r[1]), None if r[2] is None else float(r[2]), r[3], r[4], r[5]) for r in rows}
+    return {r[0]: Applied(int(r[1]), None if r[2] is None else float(r[2]), r[3], r[4], r[5],
+                          None if r[6] is None else float(r[6])) for r in rows}
 
 
 def latest(conn: Connection[Any], model: str) -> dict[str, Any] | None:
     """The newest calibration of ``model`` (applied or not), with its row's metadata."""
     row = conn.execute(
-        "SELECT version, applied, threshold, created_by, created_at, report FROM model_thresholds "
+        "SELECT version, applied, threshold, created_by, created_at, report, track_threshold FROM model_thresholds "
         "WHERE model = %s AND NOT (applied AND threshold IS NULL) ORDER BY version DESC LIMIT 1", (model,)).fetchone()
     if row is None:
         return None
-    return {"version": int(row[0]), "applied": bool(row[1]), "threshold": row[2], "created_by": row[3],
-            "created_at": row[4].isoformat(), "report": row[5]}
+    return {"version": int(row[0]), "applied": bool(row[1]), "threshold": row[2], "track_threshold": row[6],
+            "created_by": row[3], "created_at": row[4].isoformat(), "report": row[5]}
 
 
 def source_of(applied: Applied | None) -> str:
@@ -161,12 +197,17 @@ def source_of(applied: Applied | None) -> str:
 
 
 class ThresholdRefresher:
-    """One per API worker: keeps ``matcher.thresholds`` equal to what PostgreSQL says applies."""
+    """One per API worker: keeps ``matcher.thresholds`` and ``matcher.track_thresholds`` equal to what
+    PostgreSQL says applies."""
 
-    def __init__(self, pool: Any, matcher: Any, defaults: dict[str, float], interval: float) -> None:
+    def __init__(self, pool: Any, matcher: Any, defaults: dict[str, float], interval: float,
+                 track_defaults: dict[str, float] | None = None) -> None:
         self.pool = pool
         self.matcher = matcher
         self.defaults = dict(defaults)
+        # the configured track thresholds: what the matcher started with unless given (ModelSpec.fused_threshold)
+        self.track_defaults = dict(track_defaults if track_defaults is not None
+                                   else getattr(matcher, "track_thresholds", None) or defaults)
         self.interval = interval
         self.applied: dict[str, Applied] = {}
         self.loaded = False
@@ -192,11 +233,16 @@ class ThresholdRefresher:
         for model, default in self.defaults.items():
             row, before = fresh.get(model), self.applied.get(model)
             value = default if row is None or row.threshold is None else row.threshold
+            track_default = self.track_defaults.get(model, default)
+            fused = track_default if row is None else row.fused(track_default)
             version = None if row is None else row.version
-            if self.matcher.thresholds.get(model) != value or version != (before.version if before else None):
-                self.matcher.thresholds[model] = value  # one dict store: the match path reads it lock-free
-                log.info("model_threshold_applied", model=model, threshold=value, source=source_of(row),
-                         worker=os.getpid())
+            tracks = getattr(self.matcher, "track_thresholds", {})
+            if (self.matcher.thresholds.get(model) != value or tracks.get(model) != fused
+                    or version != (before.version if before else None)):
+                tracks[model] = fused  # one dict store each: the match path reads them lock-free
+                self.matcher.thresholds[model] = value
+                log.info("model_threshold_applied", model=model, threshold=value, track_threshold=fused,
+                         source=source_of(row), worker=os.getpid())
         self.applied = fresh
         self.loaded = True
 

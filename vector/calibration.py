@@ -348,3 +348,167 @@ def plot(report: Report, path: Path, title: str) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# --- the track threshold: the fused decision's own calibration --------------------------------------------
+
+TRACK_GENUINE_FRAMES = (3, 5)  # genuine track lengths whose TAR is reported (the first one decides)
+TRACKS_PER_SUBJECT = 10  # simulated tracks per subject and side (seeded; LFW: the threshold is the same for seeds 0-2)
+
+
+@dataclass(frozen=True)
+class TrackScores:
+    """Simulated tracks on a gallery's own encodings (``track_scores``).
+
+    ``impostor``: one score per stranger track, ascending: the highest threshold at which *any* fused
+    answer along the track (after each of its frames) names someone. ``genuine[n]``: one score per
+    n-frame genuine track, the highest threshold at which the answer after its n frames names the right
+    subject (-2: never, e.g. someone else is named).
+    """
+
+    impostor: np.ndarray
+    impostor_subjects: np.ndarray  # subject code of each stranger track (the bound counts people)
+    genuine: dict[int, np.ndarray]
+    subjects: int  # subjects with a stranger track (at least ``min_frames`` encodings)
+    encodings: int
+    min_frames: int
+    window: int
+
+    def scores(self, frames: int) -> Scores:
+        """As ``Scores`` (``genuine`` = the ``frames``-frame tracks), for ``threshold_for`` and ``calibrate``."""
+        return Scores(genuine=self.genuine.get(frames, np.empty(0)), impostor=self.impostor,
+                      subjects=self.subjects, encodings=self.encodings, impostor_subjects=self.impostor_subjects)
+
+
+def _top_other_subjects(x: np.ndarray, code: np.ndarray, k: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` best *other* subjects (codes, similarities: best first), a subject's similarity
+    being its best encoding's, as the match path lists candidates. Memory: ``block_rows x (n + subjects)``."""
+    order = np.argsort(code, kind="stable")
+    xs, cs = x[order], code[order]
+    starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])  # group i holds subject code i
+    n, k = len(x), min(k, len(starts) - 1)
+    top_c, top_s = np.zeros((n, k), np.int64), np.zeros((n, k), np.float64)
+    if k <= 0:
+        return top_c, top_s
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        per = np.maximum.reduceat(x[start:stop] @ xs.T, starts, axis=1)
+        per[np.arange(stop - start), code[start:stop]] = -np.inf
+        part = np.argpartition(-per, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(per, part, axis=1)
+        o = np.argsort(-vals, axis=1, kind="stable")
+        top_c[start:stop] = np.take_along_axis(part, o, axis=1)
+        top_s[start:stop] = np.clip(np.take_along_axis(vals, o, axis=1), -1.0, 1.0)
+    return top_c, top_s
+
+
+def track_scores(templates: np.ndarray, subjects: np.ndarray, min_frames: int = 2, window: int = 10,
+                 genuine_frames: tuple[int, ...] = (1, *TRACK_GENUINE_FRAMES),
+                 tracks_per_subject: int = TRACKS_PER_SUBJECT,
+                 seed: int = 0, block_rows: int = BLOCK_ROWS) -> TrackScores:
+    """Stranger and genuine tracks simulated from the gallery's own encodings, scored by the fusion rule.
+
+    - **stranger**: a subject left out of the gallery (as ``score_sets``), its encodings in a random
+      order make one passer-by of ``min(encodings, window)`` frames; each frame lists the best
+      ``FRAME_CANDIDATES`` *other* subjects. False accept: the fused answer after any of its frames
+      names someone (``vector.fusion.naming_threshold`` of every prefix).
+    - **genuine** (n frames, per n in ``genuine_frames``): n encodings of a subject with more than n are
+      the frames, its *other* encodings are its enrolment (leave the track's own images out), every
+      other subject is enrolled in full. Accepted: the answer after the n frames names that subject
+      (n = 1: the frame's own decision, its best subject, as a single-frame baseline on the same tracks).
+
+    Up to ``tracks_per_subject`` tracks per subject and side (random orders and subsets, ``seed``).
+    """
+    from vector.fusion import FRAME_CANDIDATES, Frame, naming_threshold  # same layer; fusion has no numpy deps
+
+    x = np.ascontiguousarray(templates, dtype=np.float32)
+    ids = np.asarray(subjects)
+    if x.ndim != 2 or len(x) != len(ids):
+        raise ValueError("templates must be (n, d) with one subject per row")
+    if ids.ndim == 2:
+        ids = np.ascontiguousarray(ids).view(np.dtype((np.void, ids.dtype.itemsize * ids.shape[1]))).ravel()
+    _, code = np.unique(ids, return_inverse=True)
+    code = code.ravel().astype(np.int64)
+    rng = np.random.default_rng([seed, 0])  # stranger orders
+    draw = np.random.default_rng([seed, 1])  # genuine subsets: their own stream (the threshold never moves with them)
+    top_c, top_s = _top_other_subjects(x, code, FRAME_CANDIDATES, block_rows)
+    key = [int(c).to_bytes(16, "big") for c in range(int(code.max()) + 1 if len(code) else 0)]
+
+    def frame(row: int, own: float | None, who: int) -> Frame:
+        pairs = list(zip(top_s[row].tolist(), top_c[row].tolist(), strict=True))
+        if own is not None:
+            pairs.append((own, who))
+            pairs.sort(key=lambda p: (-p[0], p[1]))
+        pairs = pairs[:FRAME_CANDIDATES]
+        return Frame(tuple(key[c] for _, c in pairs), tuple(s for s, _ in pairs))
+
+    impostor: list[float] = []
+    impostor_of: list[int] = []
+    genuine: dict[int, list[float]] = {n: [] for n in genuine_frames}
+    rows_of = np.split(np.argsort(code, kind="stable"), np.cumsum(np.bincount(code))[:-1]) if len(code) else []
+    for who, rows in enumerate(rows_of):
+        if len(rows) < min_frames:
+            continue
+        stranger = [frame(int(r), None, who) for r in rows]
+        for _ in range(1 if len(rows) <= min_frames else tracks_per_subject):  # 2 images: 1 distinct track
+            pick = rng.permutation(len(rows))[:window]
+            track = [stranger[i] for i in pick]
+            best = max(naming_threshold(track[:j], min_frames)[1] for j in range(min_frames, len(track) + 1))
+            impostor.append(best)
+            impostor_of.append(who)
+        own = x[rows] @ x[rows].T
+        for n in genuine_frames:
+            if len(rows) <= n:
+                continue
+            seen: set[frozenset[int]] = set()
+            for _ in range(4 * tracks_per_subject):  # distinct subsets only: a repeat is not another trial
+                if len(seen) == min(tracks_per_subject, math.comb(len(rows), n)):
+                    break
+                pick = draw.permutation(len(rows))
+                probes, enrolled = pick[:n], pick[n:]
+                if frozenset(probes.tolist()) in seen:
+                    continue
+                seen.add(frozenset(probes.tolist()))
+                frames = [frame(int(rows[i]), float(np.clip(own[i, enrolled].max(), -1.0, 1.0)), who) for i in probes]
+                if n == 1:  # the single frame's own decision, for comparison under the same protocol
+                    named, score = frames[0].subjects[0], frames[0].sims[0]
+                else:
+                    named, score = naming_threshold(frames[-window:], min_frames)
+                genuine[n].append(score if named == key[who] else -2.0)
+    order = np.argsort(np.asarray(impostor, np.float64), kind="stable")
+    return TrackScores(
+        impostor=np.asarray(impostor, np.float64)[order], impostor_subjects=np.asarray(impostor_of, np.int64)[order],
+        genuine={n: np.sort(np.asarray(v, np.float64)) for n, v in genuine.items()},
+        subjects=len(set(impostor_of)), encodings=len(x), min_frames=min_frames, window=window)
+
+
+def track_tar(track: TrackScores, threshold: float) -> dict[str, float | int]:
+    """TAR of each genuine track length at ``threshold`` (``"3"``: 3-frame tracks), and their counts."""
+    out: dict[str, float | int] = {}
+    for n, g in track.genuine.items():
+        out[f"tar_{n}_frames"] = float((g >= threshold).mean()) if len(g) else float("nan")
+        out[f"tracks_{n}_frames"] = len(g)
+    return out
+
+
+def track_table(report: Report, tar: dict[str, float | int] | None, min_frames: int, window: int) -> str:
+    """The track threshold's TAR/FAR table (CLI output): one row per FAR target, like ``table``."""
+    lines = [f"tracks (fused: mean over up to {window} frames, ≥ {min_frames} frames agreeing): "
+             f"{report.impostor_trials} stranger tracks of {report.subjects} subjects, each left out of the "
+             f"gallery (a false accept: any answer along the track names someone); {report.genuine_pairs} "
+             f"genuine {TRACK_GENUINE_FRAMES[0]}-frame tracks (their images left out of the subject's own)",
+             f"{'FAR target':>10}  {'threshold':>9}  {'TAR 3 fr.':>9}  {'false acc.':>11}  {'people':>9}  "
+             f"{'FAR':>8}  {'FAR ≤ (95 %)':>12}"]
+    for name, p in report.points.items():
+        if isinstance(p, OperatingPoint):
+            lines.append(f"{name:>10}  {p.threshold:9.4f}  {p.tar:9.2%}  {p.false_accepts:>5}/{p.impostor_trials:<5}"
+                         f"  {p.false_accepted_subjects:>4}/{p.impostor_subjects:<4}  {p.far:8.2e}"
+                         f"  {p.far_upper_bound:12.2e}")
+        else:
+            lines.append(f"{name:>10}  needs ≥ {p['subjects_needed']} subjects with ≥ {min_frames} encodings "
+                         f"(have {p['subjects']})")
+    if tar and report.chosen is not None:
+        lines.append(f"at the track threshold {report.chosen.threshold:.4f}: " + ", ".join(
+            f"TAR {tar[f'tar_{n}_frames']:.2%} over {tar[f'tracks_{n}_frames']} {n}-frame tracks"
+            for n in TRACK_GENUINE_FRAMES if tar.get(f"tracks_{n}_frames")))
+    return "\n".join(lines)

@@ -11,7 +11,9 @@ LFW embeddings by ``bench/accuracy.py`` (docs/benchmarks.md, "Accuracy"):
     ``min_frames`` of those frames reached the threshold for that same subject on their own.
 
 So one lucky frame never names anyone (``min_frames`` ≥ 2), and a run of near misses does not either.
-The threshold is the frame's own (the request's or the model's), so a calibrated threshold carries over.
+The threshold is the model's *track* threshold (``ModelSpec.track_threshold``, calibrated for the same
+FAR per stranger track as the single-frame threshold per query: ``vector.calibration.track_scores``),
+or the request's own ``threshold`` when it names one. A frame's own decision keeps the single-frame one.
 
 Evidence is bounded: at most ``max_tracks`` tracks per process (least recently seen dropped first), each
 forgotten ``idle`` seconds after its last frame, each holding its last ``window + 1`` frames of at most
@@ -49,6 +51,7 @@ class TrackDecision:
     changed: bool  # the fused decision (or its subject) changed with this frame
     first_seen: float  # unix seconds
     last_seen: float  # unix seconds
+    threshold: float  # what the fused decision applied (the model's track threshold or the request's own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +182,8 @@ def _decide(frames: Sequence[Frame], config: TrackConfig, threshold: float, min_
     named = fused.subject if fused.decision == "match" else None
     changed = before is None or before.decision != fused.decision or (
         fused.decision == "match" and before.subject != fused.subject)
-    return TrackDecision(camera_id, track_id, fused.decision, named, fused.score, seen, changed, first, now), fused
+    return TrackDecision(camera_id, track_id, fused.decision, named, fused.score, seen, changed, first, now,
+                         threshold), fused
 
 
 class TrackStore(Protocol):

@@ -49,7 +49,8 @@ class MatchOptions(BaseModel):
     model: SafeText = Field(min_length=1, max_length=100)
     k: int = Field(default=5, ge=1, le=MAX_K)
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False,
-                                    description="Default: the model's threshold.")
+                                    description="Default: the model's threshold (a single frame) and its track "
+                                                "threshold (the fused answer). When given, both use it.")
     min_margin: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False,
                                      description='A best subject less than this far ahead of the runner-up is '
                                                  '"unknown" (the frame and the track).')
@@ -77,6 +78,8 @@ class TrackOut(BaseModel):
     score: float = Field(description="The best subject's mean similarity over the track's recent frames.")
     frames: int = Field(description="Frames of this track so far, this one included.")
     changed: bool = Field(description="This frame changed the fused decision or its subject (true on the first).")
+    threshold: float = Field(description="What the fused decision applied: the request's own `threshold`, else the "
+                                         "model's track threshold (GET /v1/models).")
 
 
 class MatchResponse(BaseModel):
@@ -189,7 +192,7 @@ def render_track(t: TrackDecision | None) -> str:
         return "null"
     subject = f'"{uuid_text(t.subject)}"' if t.subject is not None else "null"
     return (f'{{"decision":"{t.decision}","subject_id":{subject},"score":{round(t.score, 6)!r},'
-            f'"frames":{t.frames},"changed":{"true" if t.changed else "false"}}}')
+            f'"frames":{t.frames},"changed":{"true" if t.changed else "false"},"threshold":{float(t.threshold)!r}}}')
 
 
 def answer(state: AppState, key: ApiKey, ctype: str, query: str, body: bytes, batch: bool,

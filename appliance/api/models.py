@@ -22,6 +22,8 @@ ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", de
 class Calibrated(BaseModel):
     version: int
     threshold: float
+    track_threshold: float | None = Field(description="null: applied before track thresholds existed (the track "
+                                                      "then uses `threshold`).")
     target_far: float | None
     created_at: datetime
     created_by: str
@@ -30,9 +32,13 @@ class Calibrated(BaseModel):
 class ModelInfo(BaseModel):
     model: str
     dim: int
-    threshold: float = Field(description="What a match applies when the request names no `threshold`.")
-    source: str = Field(description='"configured default", or "calibrated vN at <time> by <actor>".')
+    threshold: float = Field(description="What a frame's decision applies when the request names no `threshold`.")
+    track_threshold: float = Field(description="What a track's fused decision applies when the request names no "
+                                               "`threshold` (docs/api.md, \"Track fusion\").")
+    source: str = Field(description='Where both come from: "configured default", or "calibrated vN at <time> by '
+                                    '<actor>".')
     default_threshold: float = Field(description="The configured default (settings `models`).")
+    default_track_threshold: float = Field(description="The configured default of the track threshold.")
     calibrated: Calibrated | None = Field(description="The applied calibration, when one applies.")
 
 
@@ -41,6 +47,7 @@ class CalibrationOut(BaseModel):
     version: int
     applied: bool
     threshold: float | None
+    track_threshold: float | None
     created_at: datetime
     created_by: str
     report: dict[str, Any] = Field(description="vector.calibration.Report: counts, operating points, EER, curve.")
@@ -59,10 +66,12 @@ def list_models(_: AdminKey, state: StateDep) -> list[ModelInfo]:
         row = found.get(name)
         cal = None
         if row is not None and row.threshold is not None:
-            cal = Calibrated(version=row.version, threshold=row.threshold, target_far=row.target_far,
-                             created_at=row.created_at, created_by=row.created_by)
+            cal = Calibrated(version=row.version, threshold=row.threshold, track_threshold=row.track_threshold,
+                             target_far=row.target_far, created_at=row.created_at, created_by=row.created_by)
         out.append(ModelInfo(model=name, dim=spec.dim, threshold=cal.threshold if cal else spec.threshold,
-                             source=calibration.source_of(row), default_threshold=spec.threshold, calibrated=cal))
+                             track_threshold=row.fused(spec.fused_threshold) if row else spec.fused_threshold,
+                             source=calibration.source_of(row), default_threshold=spec.threshold,
+                             default_track_threshold=spec.fused_threshold, calibrated=cal))
     return out
 
 

@@ -2,8 +2,10 @@
 
 ``calibrate`` measures genuine and impostor scores on the protected templates (no DEK is unwrapped),
 prints the TAR/FAR table, writes the ROC/DET plot and the JSON report, and stores the run (audited).
-``--apply`` makes the calibrated threshold the model's threshold on every API worker within seconds;
-it is refused, with the number of impostor trials the target needs, when the data are too few.
+It calibrates two thresholds for the same FAR target: a single frame's (per query) and a track's fused
+decision (per stranger track, ``vector.calibration.track_scores``). ``--apply`` makes both the model's
+thresholds on every API worker within seconds; it is refused (neither applied), with the number of
+subjects the target needs, when the data are too few for either.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def list_models() -> None:
     for name, spec in settings.models.items():
         row = found.get(name)
         value = row.threshold if row is not None and row.threshold is not None else spec.threshold
-        typer.echo(f"{name:20} dim {spec.dim:4}  threshold {value:.4f}  ({source_of(row)})")
+        fused = row.fused(spec.fused_threshold) if row is not None else spec.fused_threshold
+        typer.echo(f"{name:20} dim {spec.dim:4}  threshold {value:.4f}  track {fused:.4f}  ({source_of(row)})")
 
 
 @app.command("calibrate")
@@ -58,7 +61,7 @@ def calibrate(
     from appliance import calibration, clients
     from appliance.audit.cli_support import cli_actor
     from appliance.commands.context import fail
-    from vector.calibration import InsufficientData, plot, table
+    from vector.calibration import InsufficientData, plot, table, track_table
 
     settings, conn = _connect()
     spec = settings.models.get(model)
@@ -66,8 +69,10 @@ def calibrate(
         fail(f"unknown model {model!r}; configured: {', '.join(settings.models)}")
     actor = cli_actor()
     with conn:
-        m = calibration.measure(conn, model, spec.dim, target_far)
+        m = calibration.measure(conn, model, spec.dim, target_far, settings.track_min_frames, settings.track_window)
         typer.echo(table(m.report))
+        if m.track is not None:
+            typer.echo(track_table(m.track, m.track_tar, settings.track_min_frames, settings.track_window))
         try:
             version = calibration.record(conn, m, actor, apply)
         except InsufficientData as exc:
@@ -77,13 +82,22 @@ def calibrate(
                  f"(calibration v{version} stored, not applied)", code=2)
     png = _write(out, model, m)
     plot(m.report, png, f"{model}: {m.report.subjects} subjects, {m.report.encodings} encodings")
+    if m.track is not None:
+        plot(m.track, png.with_name(f"{png.stem}-track.png"),
+             f"{model}, fused tracks: {m.track.impostor_trials} stranger, {m.track.genuine_pairs} genuine 3-frame")
     chosen = m.report.chosen
     if chosen is None:
         typer.echo(f"no threshold meets FAR {target_far:g}: {m.report.refused}")
     else:
         typer.echo(f"threshold for FAR ≤ {target_far:g} (95 % upper bound {chosen.far_upper_bound:.2e}): "
                    f"{chosen.threshold:.4f}, TAR {chosen.tar:.2%}")
-    typer.echo(f"wrote {png} and {png.with_suffix('.json')}")
+    fused = m.track.chosen if m.track is not None else None
+    if fused is None:
+        typer.echo(f"no track threshold meets FAR {target_far:g}: {m.track.refused if m.track else 'not measured'}")
+    else:
+        typer.echo(f"track threshold for FAR ≤ {target_far:g} per stranger track (95 % upper bound "
+                   f"{fused.far_upper_bound:.2e}): {fused.threshold:.4f}, TAR {fused.tar:.2%} (3 frames)")
+    typer.echo(f"wrote {png}, {png.stem}-track.png and {png.with_suffix('.json')}")
     if apply:
         told = calibration.notify(clients.redis_client(settings), model)
         typer.echo(f"applied as {model} v{version}; API workers use it "
@@ -102,7 +116,7 @@ def _write(out: Path, model: str, m: Measurement) -> Path:
 
 @app.command("reset")
 def reset(model: Annotated[str, typer.Option(help="A configured model.")]) -> None:
-    """Go back to the configured default threshold (versioned and audited like an apply)."""
+    """Go back to the configured default thresholds (versioned and audited like an apply)."""
     from appliance import calibration, clients
     from appliance.audit.cli_support import cli_actor
     from appliance.commands.context import fail
@@ -113,4 +127,6 @@ def reset(model: Annotated[str, typer.Option(help="A configured model.")]) -> No
     with conn:
         version = calibration.reset(conn, model, cli_actor())
     calibration.notify(clients.redis_client(settings), model)
-    typer.echo(f"{model}: back to the configured default {settings.models[model].threshold} (v{version})")
+    spec = settings.models[model]
+    typer.echo(f"{model}: back to the configured defaults {spec.threshold} (track {spec.fused_threshold}) "
+               f"(v{version})")

@@ -97,6 +97,34 @@ def test_genuine_three_frame_tracks_name_the_right_person(ready_client, match_he
     assert named >= 0.9 * len(lfw_site["enrolled"]), named  # bench/accuracy.py: 0.93 at a 0.946 threshold
 
 
+def test_without_a_threshold_the_track_applies_the_models_track_threshold(ready_client, match_headers,
+                                                                         admin_headers, lfw_site) -> None:  # type: ignore[no-untyped-def]
+    """No ``threshold`` in the request: each frame decides at the model's threshold, the track at its
+    (lower) track threshold, so a genuine track is named although fewer than 2 of its frames match alone
+    (before, the track was held to the frame threshold and needed 2 such frames)."""
+    models = {m["model"]: m for m in ready_client.get("/v1/models", headers=admin_headers).json()}
+    single, fused = models[MODEL]["threshold"], models[MODEL]["track_threshold"]
+    assert fused < single
+    vectors, rows, subject_of = lfw_site["vectors"], lfw_site["rows"], lfw_site["subject_of"]
+    named_by_fusion = named = 0
+    for p in lfw_site["enrolled"]:
+        answers = []
+        track = _track_id()
+        for v in vectors[rows[p][3:6]]:
+            r = ready_client.post("/v1/match", json={"model": MODEL, "embedding": v.tolist(), "k": 3,
+                                                     "camera_id": "door-1", "track_id": track}, headers=match_headers)
+            assert r.status_code == 200, r.text
+            answers.append(r.json())
+        assert {a["threshold"] for a in answers} == {single} and {a["track"]["threshold"] for a in answers} == {fused}
+        last = answers[-1]["track"]
+        if last["decision"] == "match":
+            assert last["subject_id"] == subject_of[p] and last["score"] >= fused
+            named += 1
+            named_by_fusion += sum(a["decision"] == "match" and a["subject_id"] == subject_of[p] for a in answers) < 2
+    assert named_by_fusion >= 1, "no genuine track needed the track threshold: the data no longer shows it"
+    assert named > sum(1 for p in lfw_site["enrolled"]) * 0.3, named
+
+
 def test_batch_of_a_track_answers_as_its_frames_one_by_one(ready_client, match_headers, lfw_site) -> None:  # type: ignore[no-untyped-def]
     vectors, rows = lfw_site["vectors"], lfw_site["rows"]
     p = lfw_site["enrolled"][0]
@@ -182,8 +210,8 @@ def test_the_match_audit_record_carries_the_track_outcome(ready_client, match_he
 def test_render_of_margin_and_track_is_the_documented_model() -> None:
     rng = np.random.default_rng(2)
     cands = [Candidate(uuid.uuid4().bytes, uuid.uuid4().bytes, i, float(rng.random())) for i in range(2)]
-    for track in (None, TrackDecision("cam", "t", "match", cands[0].subject, 0.951234567, 3, True, 1.0, 2.0),
-                  TrackDecision(None, "t", "unknown", None, -1.0, 1, False, 1.0, 1.0)):
+    for track in (None, TrackDecision("cam", "t", "match", cands[0].subject, 0.951234567, 3, True, 1.0, 2.0, 0.9578),
+                  TrackDecision(None, "t", "unknown", None, -1.0, 1, False, 1.0, 1.0, 0.5)):
         r = MatchResult("match", cands, 0.5, "1.2", margin=0.1234567, track=track)
         doc = MatchResponse.model_validate_json(render(r))
         assert doc.margin == 0.123457
@@ -194,7 +222,7 @@ def test_render_of_margin_and_track_is_the_documented_model() -> None:
             assert (doc.track.decision, doc.track.frames, doc.track.changed) == (track.decision, track.frames,
                                                                                   track.changed)
             assert doc.track.subject_id == (uuid.UUID(bytes=track.subject) if track.subject else None)
-            assert doc.track.score == round(track.score, 6)
+            assert doc.track.score == round(track.score, 6) and doc.track.threshold == track.threshold
     assert MatchResponse.model_validate_json(render(MatchResult("unknown", [], 0.9, "1.0"))).margin is None
 
 
