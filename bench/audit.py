@@ -22,12 +22,9 @@ Writes bench/results/audit.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import multiprocessing as mp
 import os
 import resource
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -39,10 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     MODEL,
-    RawClient,
     Server,
     api_key,
-    free_port,
     identities,
     pct,
     probes,
@@ -53,8 +48,8 @@ from bench.common import (
     wrk_run,
 )
 from bench.enrol import bulk_load
+from bench.paced import LoopPacer, abba, in_process_api
 
-TICK, SETTLE = 0.001, 0.15
 ENROLLED = [uuid.UUID(int=(0x5EED << 64) + i) for i in range(1000)]  # the people a camera keeps seeing
 TAG = "audit-base"
 
@@ -72,110 +67,17 @@ def _event(i: int) -> Any:
                  "index_version": "v120", "candidates": 5})
 
 
-def split_by_phase(calls: list[tuple[float, float]], switches: list[tuple[float, bool]], end: float,
-                   settle: float) -> tuple[list[float], list[float]]:
-    """Latencies of ``calls`` ([start, ms]) without and with the load, by the phase each started in.
-
-    ``switches`` are [time, load on?] in time order, the first one the start of the measurement; calls
-    before it, from ``end`` on, or within ``settle`` s after a switch count for neither side."""
-    base: list[float] = []
-    loaded: list[float] = []
-    i = 0
-    for t, ms in sorted(calls):
-        while i + 1 < len(switches) and switches[i + 1][0] <= t:
-            i += 1
-        if t < switches[0][0] or t >= end or t - switches[i][0] < settle:
-            continue
-        (loaded if switches[i][1] else base).append(ms)
-    return base, loaded
-
-
-class LoopPacer:
-    """``rate`` events/s submitted to ``log`` (None: built and dropped) on ``loop``, while ``active`` is set."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, log: Any, rate: int) -> None:
-        self.log, self.rate, self.submitted = log, rate, 0
-        self.active = threading.Event()
-        self._stop = False
-        self._done = asyncio.run_coroutine_threadsafe(self._run(), loop)
-
-    async def _run(self) -> None:
-        last, owed = time.perf_counter(), 0.0
-        while not self._stop:
-            await asyncio.sleep(TICK)
-            now = time.perf_counter()
-            owed = owed + (now - last) * self.rate if self.active.is_set() else 0.0
-            last = now
-            while owed >= 1:
-                event = _event(self.submitted)
-                if self.log is not None:
-                    self.log.submit(event)
-                self.submitted += 1
-                owed -= 1
-
-    def close(self) -> None:
-        self._stop = True
-        self._done.result(10)
-
-
-def _client(port: int, token: str, body: bytes, rate: float, seconds: float, out: Any) -> None:
-    """Child process: one keep-alive connection, a call every 1/rate s; puts [(start, ms)]."""
-    client = RawClient(port)
-    req = RawClient.build(f"/v1/match?model={MODEL}&k=5", body, token)
-    for _ in range(50):
-        client.send(req)
-    out.put("ready")
-    calls, due = [], time.perf_counter()
-    end = due + seconds
-    while due < end:
-        if (wait := due - time.perf_counter()) > 0:
-            time.sleep(wait)
-        t = time.perf_counter()
-        status, _ = client.send(req)
-        assert status == 200, status
-        calls.append((t, (time.perf_counter() - t) * 1e3))
-        due += 1 / rate
-    out.put(calls)
-
-
 def paced(settings: Any, token: str, body: bytes, args: argparse.Namespace) -> dict[str, Any]:
-    import uvicorn
-
-    from appliance.api.app import create_app
     from appliance.audit.queue import BACKPRESSURE
 
-    app = create_app(settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    state = app.state.appliance
-    assert state.matcher.wait_ready(600)
-    loop, log, ctx = server.servers[0].get_loop(), state.audit, mp.get_context("spawn")
+    server, state, loop, port = in_process_api(settings)
+    log = state.audit
 
     def compare(null: bool) -> dict[str, Any]:
-        waits, pacer = BACKPRESSURE._value.get(), LoopPacer(loop, None if null else log, args.rate)
-        order = [on for r in range(args.rounds) for on in ((False, True) if r % 2 == 0 else (True, False))]
-        out = ctx.Queue()
-        client = ctx.Process(target=_client, args=(port, token, body, 200.0, len(order) * args.phase + 0.5, out))
-        client.start()
-        assert out.get(timeout=120) == "ready"
-        t0 = time.perf_counter() + 0.2
-        switches, on_seconds = [(t0, False)], 0.0
-        for k, on in enumerate([*order, False]):
-            if (delay := t0 + k * args.phase - time.perf_counter()) > 0:
-                time.sleep(delay)
-            if on != switches[-1][1]:
-                (pacer.active.set if on else pacer.active.clear)()
-                now = time.perf_counter()
-                on_seconds += 0 if on else now - switches[-1][0]
-                switches.append((now, on))
-        calls = out.get(timeout=300)
-        client.join(30)
-        pacer.close()
+        waits = BACKPRESSURE._value.get()
+        pacer = LoopPacer(loop, args.rate, _event if null else lambda i: log.submit(_event(i)))
+        base, loaded, on_seconds = abba(port, token, body, pacer, args.rounds, args.phase)
         assert log.flush(120)
-        base, loaded = split_by_phase(calls, switches, t0 + len(order) * args.phase, SETTLE)
         row: dict[str, Any] = {"events_per_s": round(pacer.submitted / on_seconds),
                                "backpressure_waits": int(BACKPRESSURE._value.get() - waits)}
         for p in (50, 90, 99):

@@ -20,12 +20,9 @@ Writes bench/results/visits.json. The 10M rows stay in var/bench-visits (a later
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import multiprocessing as mp
 import os
 import sys
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -36,12 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.audit import SETTLE, TICK, _client, split_by_phase
 from bench.common import (
     RESULTS,
     Server,
     api_key,
-    free_port,
     identities,
     pct,
     probes,
@@ -50,6 +45,7 @@ from bench.common import (
     write_result,
 )
 from bench.enrol import bulk_load
+from bench.paced import LoopPacer, abba, in_process_api
 
 CAMERAS, SUBJECTS, MATCH_SHARE, DAYS = 20, 1000, 0.4, 30
 SUBJECT_IDS = [uuid.UUID(int=(0x715175 << 64) + i) for i in range(SUBJECTS)]
@@ -207,81 +203,29 @@ def queries_bench(dsn: str, now: datetime, reps: int) -> dict[str, Any]:
     return out
 
 
-class VisitPacer:
-    """``rate`` visits/s recorded on ``loop`` (as the match path records them) while ``active`` is set;
-    ``recorder`` None: the same ticks, nothing recorded (the null pacer, for the apparatus)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, recorder: Any, rate: int, camera: str) -> None:
-        self.recorder, self.rate, self.camera, self.submitted = recorder, rate, camera, 0
-        self.active = threading.Event()
-        self._stop = False
-        self._done = asyncio.run_coroutine_threadsafe(self._run(), loop)
-
-    async def _run(self) -> None:
-        last, owed = time.perf_counter(), 0.0
-        while not self._stop:
-            await asyncio.sleep(TICK)
-            now = time.perf_counter()
-            owed = owed + (now - last) * self.rate if self.active.is_set() else 0.0
-            last = now
-            while owed >= 1:
-                ts = time.time()
-                if self.recorder is not None:
-                    self.recorder.record(self.camera, None, "unknown", None, 0.5, ts, ts)
-                self.submitted += 1
-                owed -= 1
-
-    def close(self) -> None:
-        self._stop = True
-        self._done.result(10)
-
-
 def ingest(settings: Any, token: str, body: bytes, args: argparse.Namespace) -> dict[str, Any]:
     import psycopg
-    import uvicorn
 
-    from appliance.api.app import create_app
     from appliance.visits.recorder import DROPPED
 
-    app = create_app(settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    state = app.state.appliance
-    assert state.matcher.wait_ready(600)
-    loop, ctx = server.servers[0].get_loop(), mp.get_context("spawn")
+    server, state, loop, port = in_process_api(settings)
     runs = []
     try:
         for run in range(args.repeat + 1):
             null = run == args.repeat  # the last run: the null pacer
             camera = f"bench-{uuid.uuid4().hex[:8]}"
             dropped = DROPPED._value.get()
-            pacer = VisitPacer(loop, None if null else state.visits, args.rate, camera)
-            order = [on for r in range(args.rounds) for on in ((False, True) if r % 2 == 0 else (True, False))]
-            out = ctx.Queue()
-            client = ctx.Process(target=_client, args=(port, token, body, 200.0, len(order) * args.phase + 0.5, out))
-            client.start()
-            assert out.get(timeout=120) == "ready"
-            t0 = time.perf_counter() + 0.2
-            switches, on_seconds = [(t0, False)], 0.0
-            for k, on in enumerate([*order, False]):
-                if (delay := t0 + k * args.phase - time.perf_counter()) > 0:
-                    time.sleep(delay)
-                if on != switches[-1][1]:
-                    (pacer.active.set if on else pacer.active.clear)()
-                    now = time.perf_counter()
-                    on_seconds += 0 if on else now - switches[-1][0]
-                    switches.append((now, on))
-            calls = out.get(timeout=300)
-            client.join(30)
-            pacer.close()
+
+            def emit(_i: int, camera: str = camera) -> None:
+                ts = time.time()
+                state.visits.record(camera, None, "unknown", None, 0.5, ts, ts)
+
+            pacer = LoopPacer(loop, args.rate, (lambda _i: None) if null else emit)
+            base, loaded, on_seconds = abba(port, token, body, pacer, args.rounds, args.phase)
             assert state.visits.flush(30)
             with psycopg.connect(settings.database_url.get_secret_value()) as conn:
                 committed = int(conn.execute("SELECT count(*) FROM visits WHERE camera_id = %s AND day >= %s",
                                              (camera, datetime.now(UTC).date() - timedelta(days=1))).fetchone()[0])
-            base, loaded = split_by_phase(calls, switches, t0 + len(order) * args.phase, SETTLE)
             row: dict[str, Any] = {"null_pacer": null, "visits_per_s": round(pacer.submitted / on_seconds),
                                    "recorded": 0 if null else pacer.submitted,
                                    "committed": committed, "dropped": int(DROPPED._value.get() - dropped)}

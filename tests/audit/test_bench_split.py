@@ -6,7 +6,7 @@ judged on, so the boundaries are checked here rather than trusted.
 
 from __future__ import annotations
 
-from bench.audit import split_by_phase
+from bench.paced import split_by_phase
 
 SWITCHES = [(10.0, False), (11.0, True), (13.0, False)]  # off 10-11, on 11-13, off 13-end
 
