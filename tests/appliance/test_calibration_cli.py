@@ -123,6 +123,18 @@ def _match(site: Site, probes: np.ndarray, threshold: float | None = None) -> li
     return out
 
 
+def _match_track(site: Site, probes: np.ndarray) -> list[dict[str, object]]:
+    """The probes as one track's frames, each on a connection of its own (either worker)."""
+    track, out = f"t-{time.monotonic_ns()}", []
+    for q in probes:
+        with httpx.Client(base_url=site.url, headers=site.headers, timeout=10) as c:
+            r = c.post("/v1/match", json={"model": MODEL, "embedding": q.tolist(), "camera_id": "door",
+                                          "track_id": track})
+        assert r.status_code == 200, r.text
+        out.append(r.json())
+    return out
+
+
 def test_calibrate_prints_the_table_and_writes_the_plot_and_report(site: Site, tmp_path: Path) -> None:
     run = _cli(site, "calibrate", "--model", MODEL, "--target-far", "0.01", "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr
@@ -134,11 +146,22 @@ def test_calibrate_prints_the_table_and_writes_the_plot_and_report(site: Site, t
     assert abs(float(row.group(1)) - expected.threshold) <= 1e-4
     assert "needs ≥ 2995 enrolled subjects (have 1570)" in run.stdout  # the 1e-3 row
     assert (tmp_path / f"calibration-{MODEL}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / f"calibration-{MODEL}-track.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((tmp_path / f"calibration-{MODEL}.json").read_text())
     assert (report["subjects"], report["encodings"], report["template_version"]) == (1570, 5924, 1)
+    # the track threshold: stranger tracks of every subject, genuine 3-frame tracks, its own table row
+    track = re.search(r"^tracks .*\n.*\n\s+0\.01\s+(0\.\d{4})\s+(\d+\.\d+)%", run.stdout, re.MULTILINE)
+    assert track is not None, run.stdout
+    assert report["track"]["chosen"]["threshold"] == float(track.group(1)) < float(row.group(1))
+    assert report["track"]["chosen"]["far_upper_bound"] <= 0.01 and report["track"]["subjects"] == 1570
+    # the raw data's track threshold: subject ids order the simulated draws, so allow a grid step or two
+    raw = cal.threshold_for(cal.track_scores(site.vectors, site.people).scores(3), 1e-2).threshold
+    assert abs(float(track.group(1)) - raw) <= 3e-4, (track.group(1), raw)
+    assert set(report["track"]["tar_by_frames"]) >= {"tar_3_frames", "tar_5_frames"}
     r = httpx.get(f"{site.url}/v1/models/{MODEL}/calibration", headers=site.headers)
     assert r.status_code == 200 and r.json()["applied"] is False
     assert r.json()["report"]["chosen"]["threshold"] == float(row.group(1))
+    assert r.json()["track_threshold"] == float(track.group(1))  # stored, not applied
     with psycopg.connect(site.admin_dsn) as conn:
         audited = conn.execute("SELECT details::jsonb FROM audit_log WHERE action = 'model.calibrate'").fetchall()
     assert [d[0]["encodings"] for d in audited] == [5924]
@@ -185,6 +208,9 @@ def test_apply_changes_the_decisions_of_every_worker_within_seconds(site: Site, 
     assert run.returncode == 0, run.stderr
     version = int(re.search(r"applied as \S+ v(\d+)", run.stdout).group(1))  # type: ignore[union-attr]
     threshold = float(re.search(r"^\s+0\.05\s+(0\.\d{4})\s", run.stdout, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    track_threshold = float(re.search(r"track threshold for FAR ≤ 0\.05 .*: (0\.\d{4}), TAR",  # type: ignore[union-attr]
+                                      run.stdout).group(1))
+    assert track_threshold < threshold, run.stdout
 
     def workers_applied() -> set[int]:
         lines = [json.loads(x) for x in site.log.read_text().splitlines() if "model_threshold_applied" in x]
@@ -199,19 +225,30 @@ def test_apply_changes_the_decisions_of_every_worker_within_seconds(site: Site, 
 
     models = {m["model"]: m for m in httpx.get(f"{site.url}/v1/models", headers=site.headers).json()}
     assert models[MODEL]["threshold"] == threshold and models[MODEL]["calibrated"]["version"] == version
+    assert models[MODEL]["track_threshold"] == models[MODEL]["calibrated"]["track_threshold"] == track_threshold
+    # a track without a threshold of its own fuses at the applied track threshold, on either worker
+    track = [c for c in _match_track(site, probes[:2])]
+    assert [t["track"]["threshold"] for t in track] == [track_threshold] * 2
+    assert [t["threshold"] for t in track] == [threshold] * 2
     assert models[MODEL]["source"].startswith(f"calibrated v{version} at ") and " by cli:" in models[MODEL]["source"]
     with psycopg.connect(site.admin_dsn) as conn:
         audit = conn.execute("SELECT actor, details::jsonb FROM audit_log WHERE action = 'model.threshold.apply'"
                              ).fetchall()
     assert len(audit) == 1 and audit[0][0].startswith("cli:")
     assert (audit[0][1]["threshold"], audit[0][1]["subjects"], audit[0][1]["encodings"]) == (threshold, 1570, 5924)
+    assert audit[0][1]["track_threshold"] == track_threshold
 
     listed = _cli(site, "list")
-    assert f"threshold {threshold:.4f}  (calibrated v{version} at " in listed.stdout, listed.stdout
+    assert (f"threshold {threshold:.4f}  track {track_threshold:.4f}  (calibrated v{version} at "
+            in listed.stdout), listed.stdout
 
     run = _cli(site, "reset", "--model", MODEL)
     assert run.returncode == 0, run.stderr
     _wait(lambda: {r["threshold"] for r in _match(site, probes[:6])} == {default}, 10, "reset did not reach workers")
+    default_track = next(m for m in httpx.get(f"{site.url}/v1/models", headers=site.headers).json()
+                         if m["model"] == MODEL)["default_track_threshold"]
+    _wait(lambda: {t["track"]["threshold"] for t in _match_track(site, probes[:2])} == {default_track}, 10,
+          "the track threshold did not go back to its default")
 
 
 def test_models_api_validates_and_needs_admin(site: Site) -> None:

@@ -11,13 +11,13 @@ MODEL = "arcface-r100"  # no other API test matches with it: its threshold can c
 PROBE = [1.0] + [0.0] * 511
 
 
-def _insert(admin_dsn: str, threshold: float | None) -> int:
+def _insert(admin_dsn: str, threshold: float | None, track: float | None = None) -> int:
     """An applied row written straight into PostgreSQL: no feed message is published."""
     with psycopg.connect(admin_dsn) as conn:
         row = conn.execute(
-            "INSERT INTO model_thresholds (model, version, applied, threshold, created_by) "
-            "SELECT %s, coalesce(max(version), 0) + 1, true, %s, 'test:refresh' FROM model_thresholds "
-            "WHERE model = %s RETURNING version", (MODEL, threshold, MODEL)).fetchone()
+            "INSERT INTO model_thresholds (model, version, applied, threshold, track_threshold, created_by) "
+            "SELECT %s, coalesce(max(version), 0) + 1, true, %s, %s, 'test:refresh' FROM model_thresholds "
+            "WHERE model = %s RETURNING version", (MODEL, threshold, track, MODEL)).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -27,6 +27,15 @@ def _applied(client, headers) -> tuple[float, str, float]:  # type: ignore[no-un
     used = client.post("/v1/match", json={"model": MODEL, "embedding": PROBE}, headers=headers)
     assert used.status_code == 200, used.text
     return models[MODEL]["threshold"], models[MODEL]["source"], used.json()["threshold"]
+
+
+def _track_threshold(client, headers) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(GET /v1/models's track_threshold, what a track's fused answer applied)."""
+    models = {m["model"]: m for m in client.get("/v1/models", headers=headers).json()}
+    used = client.post("/v1/match", json={"model": MODEL, "embedding": PROBE, "track_id": f"t-{time.monotonic_ns()}"},
+                       headers=headers)
+    assert used.status_code == 200, used.text
+    return models[MODEL]["track_threshold"], used.json()["track"]["threshold"]
 
 
 def _wait_for(client, headers, want: float, timeout: float) -> tuple[float, str, float]:  # type: ignore[no-untyped-def]
@@ -55,6 +64,19 @@ def test_a_worker_rereads_applied_thresholds_from_postgresql(client, settings, a
         own = client.post("/v1/match", json={"model": MODEL, "embedding": PROBE, "threshold": 0.7},
                           headers=admin_headers)
         assert own.json()["threshold"] == 0.7
+        # a row without a track threshold (applied before migration 0012): the track uses its threshold
+        assert _track_threshold(client, admin_headers) == (0.55, 0.55)
+        _insert(admin_dsn, 0.55, 0.5)
+        deadline = time.monotonic() + budget
+        while _track_threshold(client, admin_headers) != (0.5, 0.5) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _track_threshold(client, admin_headers) == (0.5, 0.5)
+        # a request's own threshold wins for the track too
+        own = client.post("/v1/match", json={"model": MODEL, "embedding": PROBE, "threshold": 0.7, "track_id": "t-own"},
+                          headers=admin_headers)
+        assert own.json()["track"]["threshold"] == 0.7
     finally:
         _insert(admin_dsn, None)  # reset: back to the configured default
     assert _wait_for(client, admin_headers, default, budget) == (default, "configured default", default)
+    track_default = settings.models[MODEL].fused_threshold
+    assert _track_threshold(client, admin_headers) == (track_default, track_default)
