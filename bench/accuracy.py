@@ -14,7 +14,8 @@ Rules compared (each one score per probe; a ROC sweeps the threshold):
 - ``mean``: the mean of a subject's similarity over the track, alone;
 - ``two_frames``: at least 2 frames reach the threshold for the same subject, alone;
 - ``fused``: the appliance's rule (``vector.fusion``: mean AND 2 frames agree), through
-  ``vector.fusion.naming_threshold``.
+  ``vector.fusion.naming_threshold``; the appliance applies it at the model's *track* threshold
+  (``ModelSpec.track_threshold``, bench/thresholds.py), frames at the single-frame one.
 A genuine probe counts as accepted only when the named subject is the right one.
 
 Only dlib-resnet-v1 embeddings exist here (../shared/data); there is no ArcFace data on this machine,
@@ -186,10 +187,13 @@ def main() -> None:
     g, ok = scores(single_g)
     st = np.array(single_s)
     default = DEFAULT_MODELS[MODEL].threshold  # what an appliance applies unless calibrated or told otherwise
+    track_default = DEFAULT_MODELS[MODEL].fused_threshold  # what the appliance's fused decision applies
     single = {"probes": {"genuine": len(g), "stranger": len(st)}, "at_far": [at_far(g, ok, st, x) for x in FARS],
-              "at_default_threshold": at_threshold(g, ok, st, default)}
+              "at_default_threshold": at_threshold(g, ok, st, default),
+              "at_track_default_threshold": at_threshold(g, ok, st, track_default)}
     op = {str(x): single["at_far"][i]["threshold"] for i, x in enumerate(FARS)}  # the single-frame thresholds
     op["default"] = default
+    op["track_default"] = track_default
     curves = {"single": roc(g, ok, st)}
     tracks_out: dict[str, Any] = {}
     for (rule, n), pairs in tr_g.items():
@@ -198,7 +202,8 @@ def main() -> None:
         tracks_out[f"{rule}/{n}"] = {
             "rule": rule, "frames": n, "tracks": {"genuine": len(tg), "stranger": len(ts)},
             "at_far": [at_far(tg, tok, ts, x) for x in FARS],
-            # the model's threshold calibrated for single frames, applied to the track as the appliance does
+            # the single-frame thresholds applied to the track (the appliance before track thresholds), and
+            # "track_default": the model's track threshold, what the appliance's fused decision now applies
             "at_single_threshold": {name: at_threshold(tg, tok, ts, t) for name, t in op.items()},
         }
         if rule in ("fused", "best_frame"):
@@ -248,13 +253,16 @@ def summary(result: dict[str, Any]) -> str:
         return f"{r['tar']:.3f} / {r['far']:.5f}"
 
     d = result["single"]["at_default_threshold"]["threshold"]
+    td = result["single"]["at_track_default_threshold"]["threshold"]
     lines = [f"rule/frames        TAR@FAR1e-2 (thr)   TAR@FAR1e-3 (thr)   TAR / FAR at single-frame 1e-2 thr"
-             f" | at default {d}"]
+             f" | at default {d} | at track default {td}"]
     s = result["single"]
-    lines.append(f"{'single':18} {cells(s['at_far'])}    {at(s['at_far'][0])}    {at(s['at_default_threshold'])}")
+    lines.append(f"{'single':18} {cells(s['at_far'])}    {at(s['at_far'][0])}    {at(s['at_default_threshold'])}"
+                 f"    {at(s['at_track_default_threshold'])}")
     for name, t in sorted(result["tracks"].items(), key=lambda kv: (kv[1]["frames"], kv[0])):
         op = t["at_single_threshold"]
-        lines.append(f"{name:18} {cells(t['at_far'])}    {at(op['0.01'])}    {at(op['default'])}")
+        lines.append(f"{name:18} {cells(t['at_far'])}    {at(op['0.01'])}    {at(op['default'])}"
+                     f"    {at(op['track_default'])}")
     return "\n".join(lines)
 
 
