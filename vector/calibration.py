@@ -13,6 +13,9 @@ FAR is at most the target. The bound counts people, not images (``far_upper_boun
 cluster on look-alikes), so a target needs at least ``trials_needed(target)`` enrolled subjects (about
 3/target, the rule of three: no error seen among n independent people bounds the rate by ~3/n).
 Templates are the protected ones (inner products are preserved), so nothing here needs a key.
+
+A track's fused decision (``vector.fusion``) gets its own threshold from the same method on simulated
+tracks (``track_scores``): the same FAR target, per stranger *track* instead of per query.
 """
 
 from __future__ import annotations
