@@ -164,6 +164,11 @@ class IndexService:
         faiss.omp_set_num_threads(1)
         self._thread = threading.Thread(target=self._run, name="index-follower", daemon=True)
         self._thread.start()
+        # Called before uvicorn listens: wait (at most cold_timeout) for each model's template key, so the
+        # cold path answers from the first request instead of 503s while Vault unwraps the seeds.
+        deadline = time.monotonic() + self.config.cold_timeout
+        while time.monotonic() < deadline and not all(m in self._cold or m in self.models for m in self.dims):
+            time.sleep(0.01)
 
     def stop(self, save: bool = True) -> None:
         self._stop.set()

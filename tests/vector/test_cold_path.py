@@ -102,3 +102,24 @@ def test_cold_path_off_answers_503_while_warming(ready_client, match_headers, wa
     probe = unit(np.random.default_rng(1), 1)[0].tolist()
     r = ready_client.post("/v1/match", json={"model": MODEL, "embedding": probe}, headers=match_headers)
     assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
+
+
+def test_start_returns_once_every_model_can_answer_cold(ready_client, tmp_path):  # type: ignore[no-untyped-def]
+    """``start`` runs in the lifespan, before uvicorn listens: when it returns, every model's template key
+    is known, so the first request of a first start is answered cold rather than 503 (bench/match.py saw
+    3 such 503s at 100k before this wait)."""
+    state = ready_client.app.state.appliance
+    gate = threading.Event()
+    config = ServiceConfig.from_settings(state.settings)
+    config.snapshot_dir = tmp_path / "snap"
+    config.warm_gate, config.warm_gate_stage = gate, "key"  # held right after the key: never warm here
+    held = IndexService(state.settings, state.pool, state.redis, lambda: state.keys, config)
+    try:
+        held.start()
+        assert not held.ready
+        assert all(model in held._cold for model in held.dims)
+        answer = held.identify(MODEL, unit(np.random.default_rng(7), 1), 3)
+        assert answer[0].path == "cold"
+    finally:
+        gate.set()
+        held.stop(save=False)
