@@ -37,8 +37,11 @@ def isolated(stack, settings) -> Iterator[Isolated]:  # type: ignore[no-untyped-
     try:
         pg, dsn, admin = start_postgres(root)
         s3 = start_object_store(root)
+        # Its own PostgreSQL, so its own Redis database: the change feed's sequence numbers and tombstones
+        # belong to one PostgreSQL (following the session's stream would make it re-sync for nothing).
+        redis_url = settings.redis_url.get_secret_value().rsplit("/", 1)[0] + "/6"
         own = settings_with(settings, var_dir=root / "var", database_url=dsn, database_admin_url=admin,
-                            s3_endpoint=s3.endpoint(), s3_access_key=s3.state["access_key"],
+                            redis_url=redis_url, s3_endpoint=s3.endpoint(), s3_access_key=s3.state["access_key"],
                             s3_secret_key=s3.secret_key)
         with psycopg.connect(admin) as conn:
             _, token = create_key(conn, "isolated", ["admin"])

@@ -39,7 +39,11 @@ def _wait_settled(admin_dsn: str, pids: list[int], timeout: float = 30.0) -> Non
                       pids)
         if busy == 0:
             return
-        assert time.monotonic() < deadline, f"{busy} frozen backends still busy {timeout:g}s after the thaw"
+        if time.monotonic() >= deadline:
+            with psycopg.connect(admin_dsn) as conn:
+                what = conn.execute("SELECT pid, state, wait_event_type, wait_event, left(query, 200) "
+                                    "FROM pg_stat_activity WHERE pid = ANY(%s) AND state <> 'idle'", (pids,)).fetchall()
+            raise AssertionError(f"{busy} frozen backends still busy {timeout:g}s after the thaw: {what}")
         time.sleep(0.1)
 
 
