@@ -305,6 +305,12 @@ def calibrate(scores: Scores, target_far: float, fars: tuple[float, ...] = REPOR
         eer=eer, eer_threshold=eer_t, points=points, curve=curve(scores))
 
 
+def _point_row(name: str, p: OperatingPoint, tar_width: int) -> str:
+    """One operating point of a TAR/FAR table (frames or tracks): the same columns in both."""
+    return (f"{name:>10}  {p.threshold:9.4f}  {p.tar:{tar_width}.2%}  {p.false_accepts:>5}/{p.impostor_trials:<5}"
+            f"  {p.false_accepted_subjects:>4}/{p.impostor_subjects:<4}  {p.far:8.2e}  {p.far_upper_bound:12.2e}")
+
+
 def table(report: Report) -> str:
     """The TAR/FAR table as plain text (CLI output)."""
     lines = [f"{report.subjects} subjects, {report.encodings} encodings: {report.genuine_pairs} genuine pairs, "
@@ -313,9 +319,7 @@ def table(report: Report) -> str:
              f"{'FAR ≤ (95 %)':>12}"]
     for name, p in report.points.items():
         if isinstance(p, OperatingPoint):
-            lines.append(f"{name:>10}  {p.threshold:9.4f}  {p.tar:7.2%}  {p.false_accepts:>5}/{p.impostor_trials:<5}"
-                         f"  {p.false_accepted_subjects:>4}/{p.impostor_subjects:<4}  {p.far:8.2e}"
-                         f"  {p.far_upper_bound:12.2e}")
+            lines.append(_point_row(name, p, 7))
         else:
             lines.append(f"{name:>10}  needs ≥ {p['subjects_needed']} enrolled subjects (have {p['subjects']})")
     lines.append(f"EER {report.eer:.2%} at threshold {report.eer_threshold:.4f}")
@@ -504,9 +508,7 @@ def track_table(report: Report, tar: dict[str, float | int] | None, min_frames: 
              f"{'FAR':>8}  {'FAR ≤ (95 %)':>12}"]
     for name, p in report.points.items():
         if isinstance(p, OperatingPoint):
-            lines.append(f"{name:>10}  {p.threshold:9.4f}  {p.tar:9.2%}  {p.false_accepts:>5}/{p.impostor_trials:<5}"
-                         f"  {p.false_accepted_subjects:>4}/{p.impostor_subjects:<4}  {p.far:8.2e}"
-                         f"  {p.far_upper_bound:12.2e}")
+            lines.append(_point_row(name, p, 9))
         else:
             lines.append(f"{name:>10}  needs ≥ {p['subjects_needed']} subjects with ≥ {min_frames} encodings "
                          f"(have {p['subjects']})")
