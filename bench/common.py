@@ -78,23 +78,23 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}")
             try:
-                status, body = request(self.conn(), "GET", "/v1/index", None, self.token)
-                if status == 200 and json.loads(body)["ready"]:
+                if self.index_ready():
                     return time.perf_counter() - started
             except OSError:
                 pass
             time.sleep(0.05)
         raise TimeoutError("server not ready")
 
+    def index_ready(self) -> bool:
+        """One ``GET /v1/index`` on a fresh connection: does the worker that answers say ready?"""
+        status, body = request(self.conn(), "GET", "/v1/index", None, self.token)
+        return status == 200 and bool(json.loads(body)["ready"])
+
     def wait_all_workers(self, tries: int = 40, timeout: float = 1800) -> None:
         """With several uvicorn workers, /v1/index on fresh connections until every one says ready."""
         deadline = time.perf_counter() + timeout
         while time.perf_counter() < deadline:
-            ready = 0
-            for _ in range(tries):
-                status, body = request(self.conn(), "GET", "/v1/index", None, self.token)
-                ready += status == 200 and json.loads(body)["ready"]
-            if ready == tries:
+            if all(self.index_ready() for _ in range(tries)):
                 return
             time.sleep(0.2)
         raise TimeoutError("not every worker became ready")

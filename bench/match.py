@@ -303,8 +303,7 @@ class ProbingServer(Server):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}")
             try:
-                status, body = request(self.conn(), "GET", "/v1/index", None, self.token)
-                if status == 200 and json.loads(body)["ready"]:
+                if self.index_ready():
                     break
                 client = client or RawClient(self.port)
                 j = i % len(self.q)
