@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -83,14 +84,19 @@ def test_threshold_keeps_the_people_bound_under_the_target_and_is_the_lowest_tha
     assert round(p.threshold, 4) == p.threshold
 
 
+def _person_splits(people: np.ndarray, n: int = 10) -> Iterator[tuple[int, np.ndarray]]:
+    """``n`` random halves of the people, split by person (never by image): (seed, enrolled mask)."""
+    names = np.unique(people)
+    for seed in range(n):
+        chosen = set(np.random.default_rng(seed).permutation(names)[: len(names) // 2].tolist())
+        yield seed, np.array([p in chosen for p in people])
+
+
 def test_far_on_people_never_seen_stays_within_the_calibrated_bound() -> None:
     """Calibrate on half the LFW people, search the other half's images against them as strangers."""
     x, people = _lfw()
-    names = np.unique(people)
     exceeded = []
-    for seed in range(10):
-        chosen = set(np.random.default_rng(seed).permutation(names)[: len(names) // 2].tolist())
-        enrolled = np.array([p in chosen for p in people])
+    for seed, enrolled in _person_splits(people):
         point = cal.threshold_for(cal.score_sets(x[enrolled], people[enrolled]), 1e-2)
         strangers_best = (x[~enrolled] @ x[enrolled].T).max(axis=1)
         far = float((strangers_best >= point.threshold).mean())
@@ -103,11 +109,8 @@ def test_a_bound_counting_images_would_break_the_promise_on_unseen_people() -> N
     """Why the bound counts people: the same splits with the binomial bound over images (independent
     trials assumed) give thresholds whose FAR on unseen people exceeds that bound on 7 of 20 splits."""
     x, people = _lfw()
-    names = np.unique(people)
     exceeded = 0
-    for seed in range(20):
-        chosen = set(np.random.default_rng(seed).permutation(names)[: len(names) // 2].tolist())
-        enrolled = np.array([p in chosen for p in people])
+    for _seed, enrolled in _person_splits(people, 20):
         impostor = cal.score_sets(x[enrolled], people[enrolled]).impostor
         k = cal.allowed_errors(1e-2, len(impostor))
         threshold = float(impostor[::-1][k]) + 1e-6  # the lowest with k errors
@@ -234,17 +237,14 @@ def test_track_far_on_people_never_seen_stays_within_the_calibrated_bound() -> N
     (Per *person*, "any of their tracks", it is exceeded more often, as the single-frame bound is per
     person on these splits: 3 of 10. The promise is per track, as the single frame's is per query.)"""
     x, people = _lfw()
-    names = np.unique(people)
     exceeded = []
-    for seed in range(10):
-        chosen = set(np.random.default_rng(seed).permutation(names)[: len(names) // 2].tolist())
-        enrolled = np.array([p in chosen for p in people])
+    for seed, enrolled in _person_splits(people):
         point = cal.threshold_for(cal.track_scores(x[enrolled], people[enrolled], seed=seed).scores(3), 1e-2)
         gallery, owners = x[enrolled], np.unique(people[enrolled], return_inverse=True)[1]
         rng = np.random.default_rng(100 + seed)
         frames, stranger = _frames_against(x[~enrolled], gallery, owners), people[~enrolled]
         hits = []
-        for p in names[~np.isin(names, list(chosen))]:
+        for p in np.unique(stranger):
             mine = [frames[i] for i in np.flatnonzero(stranger == p)]
             hits += [_stranger_track([mine[i] for i in rng.permutation(len(mine))[:10]]) >= point.threshold
                      for _ in range(1 if len(mine) <= 2 else cal.TRACKS_PER_SUBJECT)]

@@ -142,14 +142,21 @@ def test_batch_of_a_track_answers_as_its_frames_one_by_one(ready_client, match_h
     assert [b["track"] for b in raw.json()["results"]] == [s["track"] for s in singles]
 
 
+def _two_subjects(rng: np.random.Generator, apart: float, new_subject, enrol) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Two new subjects of one template each, the second ``apart`` (noise norm) from the first."""
+    a = unit(rng)[0]
+    b = a + apart * unit(rng)[0]
+    b /= np.linalg.norm(b)
+    enrol(new_subject(), a[None])
+    enrol(new_subject(), b[None])
+    return a, b
+
+
 def test_every_answer_carries_the_margin_to_the_runner_up(ready_client, match_headers, new_subject, enrol) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(11)
-    a = unit(rng)[0]
-    b = a + 0.3 * unit(rng)[0]
-    b /= np.linalg.norm(b)
-    sa, sb = new_subject(), new_subject()
-    enrol(sa, a[None])
-    enrol(sb, b[None])
+    a, b = _two_subjects(rng, 0.3, new_subject, enrol)
+    for v in unit(rng, 3):  # at least k = 5 subjects, whatever other tests enrolled before this one
+        enrol(new_subject(), v[None])
     probe = a + 0.05 * unit(rng)[0]
     for k in (1, 5):
         r = ready_client.post("/v1/match", json={"model": MODEL, "embedding": probe.tolist(), "k": k},
@@ -162,12 +169,7 @@ def test_every_answer_carries_the_margin_to_the_runner_up(ready_client, match_he
 
 def test_min_margin_answers_a_close_call_unknown(ready_client, match_headers, new_subject, enrol) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(12)
-    a = unit(rng)[0]
-    b = a + 0.08 * unit(rng)[0]
-    b /= np.linalg.norm(b)
-    sa, sb = new_subject(), new_subject()
-    enrol(sa, a[None])
-    enrol(sb, b[None])
+    a, b = _two_subjects(rng, 0.08, new_subject, enrol)
     probe = (a + b) / 2 + 0.002 * unit(rng)[0]
     base = {"model": MODEL, "embedding": probe.tolist(), "threshold": 0.9}
     plain = ready_client.post("/v1/match", json=base, headers=match_headers).json()
