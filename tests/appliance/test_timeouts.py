@@ -30,19 +30,24 @@ def _count(admin_dsn: str, sql: str, *params: Any) -> int:
         return int(conn.execute(sql, params).fetchone()[0])  # type: ignore[index]
 
 
+# A frozen backend that may still process what it was sent: not idle, and past its startup.
+_BUSY = "pid = ANY(%s) AND state NOT IN ('idle', 'starting')"
+
+
 def _wait_settled(admin_dsn: str, pids: list[int], timeout: float = 30.0) -> None:
     """Until every backend that was frozen has exited or is idle outside a transaction: whatever it
-    had been sent while stopped is then processed (committed) or refused."""
+    had been sent while stopped is then processed (committed) or refused. A backend still ``starting``
+    (a connection attempt caught by the freeze, which the client gave up on) has no session yet, so it
+    can commit nothing; it waits for its startup packet until authentication_timeout and is not waited for."""
     deadline = time.monotonic() + timeout
     while True:
-        busy = _count(admin_dsn, "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s) AND state <> 'idle'",
-                      pids)
+        busy = _count(admin_dsn, f"SELECT count(*) FROM pg_stat_activity WHERE {_BUSY}", pids)
         if busy == 0:
             return
         if time.monotonic() >= deadline:
             with psycopg.connect(admin_dsn) as conn:
                 what = conn.execute("SELECT pid, state, wait_event_type, wait_event, left(query, 200) "
-                                    "FROM pg_stat_activity WHERE pid = ANY(%s) AND state <> 'idle'", (pids,)).fetchall()
+                                    f"FROM pg_stat_activity WHERE {_BUSY}", (pids,)).fetchall()
             raise AssertionError(f"{busy} frozen backends still busy {timeout:g}s after the thaw: {what}")
         time.sleep(0.1)
 
