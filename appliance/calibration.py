@@ -171,6 +171,14 @@ class Applied:
         return self.threshold if self.track_threshold is None else self.track_threshold
 
 
+def thresholds_of(row: Applied | None, default: float, track_default: float) -> tuple[float, float]:
+    """The (frame, track) thresholds a model applies: its applied calibration's, else the configured
+    defaults (the API, the CLI and every worker's refresher answer with this one rule)."""
+    if row is None:
+        return default, track_default
+    return (default if row.threshold is None else row.threshold), row.fused(track_default)
+
+
 def applied_thresholds(conn: Connection[Any]) -> dict[str, Applied]:
     rows = conn.execute(
         "SELECT DISTINCT ON (model) model, version, threshold, target_far, created_by, created_at, track_threshold "
@@ -232,9 +240,7 @@ class ThresholdRefresher:
         fresh = {m: a for m, a in found.items() if m in self.defaults}
         for model, default in self.defaults.items():
             row, before = fresh.get(model), self.applied.get(model)
-            value = default if row is None or row.threshold is None else row.threshold
-            track_default = self.track_defaults.get(model, default)
-            fused = track_default if row is None else row.fused(track_default)
+            value, fused = thresholds_of(row, default, self.track_defaults.get(model, default))
             version = None if row is None else row.version
             tracks = getattr(self.matcher, "track_thresholds", {})
             if (self.matcher.thresholds.get(model) != value or tracks.get(model) != fused

@@ -68,8 +68,8 @@ def list_models(_: AdminKey, state: StateDep) -> list[ModelInfo]:
         if row is not None and row.threshold is not None:
             cal = Calibrated(version=row.version, threshold=row.threshold, track_threshold=row.track_threshold,
                              target_far=row.target_far, created_at=row.created_at, created_by=row.created_by)
-        out.append(ModelInfo(model=name, dim=spec.dim, threshold=cal.threshold if cal else spec.threshold,
-                             track_threshold=row.fused(spec.fused_threshold) if row else spec.fused_threshold,
+        threshold, track_threshold = calibration.thresholds_of(row, spec.threshold, spec.fused_threshold)
+        out.append(ModelInfo(model=name, dim=spec.dim, threshold=threshold, track_threshold=track_threshold,
                              source=calibration.source_of(row), default_threshold=spec.threshold,
                              default_track_threshold=spec.fused_threshold, calibrated=cal))
     return out

@@ -36,15 +36,14 @@ def _connect():  # type: ignore[no-untyped-def]
 @app.command("list")
 def list_models() -> None:
     """Each configured model, its dimension and the threshold that applies (and where it came from)."""
-    from appliance.calibration import applied_thresholds, source_of
+    from appliance.calibration import applied_thresholds, source_of, thresholds_of
 
     settings, conn = _connect()
     with conn:
         found = applied_thresholds(conn)
     for name, spec in settings.models.items():
         row = found.get(name)
-        value = row.threshold if row is not None and row.threshold is not None else spec.threshold
-        fused = row.fused(spec.fused_threshold) if row is not None else spec.fused_threshold
+        value, fused = thresholds_of(row, spec.threshold, spec.fused_threshold)
         typer.echo(f"{name:20} dim {spec.dim:4}  threshold {value:.4f}  track {fused:.4f}  ({source_of(row)})")
 
 
