@@ -9,7 +9,9 @@ while a backing server is down; readiness and requests retry them.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from minio import Minio
 from psycopg_pool import ConnectionPool
@@ -31,6 +33,8 @@ from media.retention import Retention
 from media.service import Limits, MediaService
 from media.store import MediaStore
 from vector.templates import TemplateKeys
+
+T = TypeVar("T")
 
 
 def media_limits(settings: Settings) -> Limits:
@@ -88,6 +92,18 @@ class AppState:
             api_keys=KeyCache(pool, settings.apikey_cache_ttl),
         )
 
+    def _once(self, attr: str, build: Callable[[], T]) -> T:
+        """The service in ``attr``, built by ``build`` on first use under the lock: two threads asking at
+        once get the same one (``build`` may use other services: the lock is re-entrant)."""
+        value = getattr(self, attr)
+        if value is None:
+            with self._lock:
+                value = getattr(self, attr)
+                if value is None:
+                    value = build()
+                    setattr(self, attr, value)
+        return value
+
     @property
     def keys(self) -> KeyProvider:
         """The key provider, logged in on first use (raises KeyProviderUnavailable while down)."""
@@ -101,21 +117,13 @@ class AppState:
     @property
     def subject_keys(self) -> SubjectKeys:
         """Per-subject DEKs through one bounded DEK cache (erasure evicts from it)."""
-        if self._subject_keys is None:
-            with self._lock:
-                if self._subject_keys is None:
-                    cache = DekCache(self.settings.dek_cache_size, self.settings.dek_cache_ttl)
-                    self._subject_keys = SubjectKeys(self.keys, cache)
-        return self._subject_keys
+        return self._once("_subject_keys", lambda: SubjectKeys(
+            self.keys, DekCache(self.settings.dek_cache_size, self.settings.dek_cache_ttl)))
 
     @property
     def blind_index(self) -> BlindIndex:
         """Keyed hashes of external references (the lookup key is unwrapped once per process)."""
-        if self._blind_index is None:
-            with self._lock:
-                if self._blind_index is None:
-                    self._blind_index = BlindIndex(self.keys)
-        return self._blind_index
+        return self._once("_blind_index", lambda: BlindIndex(self.keys))
 
     @property
     def template_keys(self) -> TemplateKeys:
@@ -123,57 +131,36 @@ class AppState:
         matcher = self.matcher
         if matcher is not None and matcher.template_keys is not None:
             return matcher.template_keys
-        if self._template_keys is None:
-            with self._lock:
-                if self._template_keys is None:
-                    self._template_keys = TemplateKeys(self.keys)
-        return self._template_keys
+        return self._once("_template_keys", lambda: TemplateKeys(self.keys))
 
     @property
     def audit(self) -> AuditLog:
         """The process's audit trail; its writer starts with the API (or on the first ``submit``)."""
-        if self._audit is None:
-            with self._lock:
-                if self._audit is None:
-                    s = self.settings
-                    self._audit = AuditLog(
-                        self.pool, keys=lambda: self.keys, queue_size=s.audit_queue_size,
-                        batch_max=s.audit_batch_max, flush_interval=s.audit_flush_interval,
-                        checkpoint_interval=s.audit_checkpoint_interval)
-        return self._audit
+        s = self.settings
+        return self._once("_audit", lambda: AuditLog(
+            self.pool, keys=lambda: self.keys, queue_size=s.audit_queue_size, batch_max=s.audit_batch_max,
+            flush_interval=s.audit_flush_interval, checkpoint_interval=s.audit_checkpoint_interval))
 
     @property
     def media(self) -> MediaService:
         """Captures in the object store, sealed client-side (uploads, reads, thumbnails, deletes)."""
-        if self._media is None:
-            with self._lock:
-                if self._media is None:
-                    s = self.settings
-                    store = MediaStore(self.s3, s.s3_bucket, int(s.media_part_size))
-                    self._media = MediaService(store, self.pool, self, media_limits(s), media_retention(s),
-                                               DekCache(s.dek_cache_size, s.dek_cache_ttl))
-        return self._media
+        s = self.settings
+        return self._once("_media", lambda: MediaService(
+            MediaStore(self.s3, s.s3_bucket, int(s.media_part_size)), self.pool, self, media_limits(s),
+            media_retention(s), DekCache(s.dek_cache_size, s.dek_cache_ttl)))
 
     @property
     def visits(self) -> VisitRecorder:
         """The visit buffer the match path folds results into; its writer starts with the API."""
-        if self._visits is None:
-            with self._lock:
-                if self._visits is None:
-                    s = self.settings
-                    self._visits = VisitRecorder(self.pool, flush_interval=s.visits_flush_interval,
-                                                 buffer_size=s.visits_buffer_size,
-                                                 retention_days=s.visits_retention_days)
-        return self._visits
+        s = self.settings
+        return self._once("_visits", lambda: VisitRecorder(
+            self.pool, flush_interval=s.visits_flush_interval, buffer_size=s.visits_buffer_size,
+            retention_days=s.visits_retention_days))
 
     @property
     def readiness(self) -> Readiness:
         """One probe per backing server, each on a thread of its own (``GET /readyz``)."""
-        if self._readiness is None:
-            with self._lock:
-                if self._readiness is None:
-                    self._readiness = Readiness(self.settings, self.redis, self.s3, lambda: self.keys)
-        return self._readiness
+        return self._once("_readiness", lambda: Readiness(self.settings, self.redis, self.s3, lambda: self.keys))
 
     def close(self, checkpoint: bool = False) -> None:
         """Stop the services this process built, newest first, then the clients and the pool.
