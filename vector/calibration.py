@@ -305,23 +305,27 @@ def calibrate(scores: Scores, target_far: float, fars: tuple[float, ...] = REPOR
         eer=eer, eer_threshold=eer_t, points=points, curve=curve(scores))
 
 
-def _point_row(name: str, p: OperatingPoint, tar_width: int) -> str:
-    """One operating point of a TAR/FAR table (frames or tracks): the same columns in both."""
-    return (f"{name:>10}  {p.threshold:9.4f}  {p.tar:{tar_width}.2%}  {p.false_accepts:>5}/{p.impostor_trials:<5}"
-            f"  {p.false_accepted_subjects:>4}/{p.impostor_subjects:<4}  {p.far:8.2e}  {p.far_upper_bound:12.2e}")
+def _points(report: Report, tar: str, who: str) -> list[str]:
+    """The column header and one row per FAR target of a TAR/FAR table (frames or tracks: the same
+    columns, ``tar`` naming the TAR column); a target the data cannot show says how many ``who`` it needs."""
+    w = max(7, len(tar))
+    lines = [f"{'FAR target':>10}  {'threshold':>9}  {tar:>{w}}  {'false acc.':>11}  {'people':>9}  {'FAR':>8}  "
+             f"{'FAR ≤ (95 %)':>12}"]
+    for name, p in report.points.items():
+        if isinstance(p, OperatingPoint):
+            lines.append(f"{name:>10}  {p.threshold:9.4f}  {p.tar:{w}.2%}  {p.false_accepts:>5}/{p.impostor_trials:<5}"
+                         f"  {p.false_accepted_subjects:>4}/{p.impostor_subjects:<4}  {p.far:8.2e}  "
+                         f"{p.far_upper_bound:12.2e}")
+        else:
+            lines.append(f"{name:>10}  needs ≥ {p['subjects_needed']} {who} (have {p['subjects']})")
+    return lines
 
 
 def table(report: Report) -> str:
     """The TAR/FAR table as plain text (CLI output)."""
     lines = [f"{report.subjects} subjects, {report.encodings} encodings: {report.genuine_pairs} genuine pairs, "
              f"{report.impostor_trials} impostor trials (each encoding's best match among the other subjects)",
-             f"{'FAR target':>10}  {'threshold':>9}  {'TAR':>7}  {'false acc.':>11}  {'people':>9}  {'FAR':>8}  "
-             f"{'FAR ≤ (95 %)':>12}"]
-    for name, p in report.points.items():
-        if isinstance(p, OperatingPoint):
-            lines.append(_point_row(name, p, 7))
-        else:
-            lines.append(f"{name:>10}  needs ≥ {p['subjects_needed']} enrolled subjects (have {p['subjects']})")
+             *_points(report, "TAR", "enrolled subjects")]
     lines.append(f"EER {report.eer:.2%} at threshold {report.eer_threshold:.4f}")
     return "\n".join(lines)
 
@@ -504,14 +508,7 @@ def track_table(report: Report, tar: dict[str, float | int] | None, min_frames: 
              f"{report.impostor_trials} stranger tracks of {report.subjects} subjects, each left out of the "
              f"gallery (a false accept: any answer along the track names someone); {report.genuine_pairs} "
              f"genuine {TRACK_GENUINE_FRAMES[0]}-frame tracks (their images left out of the subject's own)",
-             f"{'FAR target':>10}  {'threshold':>9}  {'TAR 3 fr.':>9}  {'false acc.':>11}  {'people':>9}  "
-             f"{'FAR':>8}  {'FAR ≤ (95 %)':>12}"]
-    for name, p in report.points.items():
-        if isinstance(p, OperatingPoint):
-            lines.append(_point_row(name, p, 9))
-        else:
-            lines.append(f"{name:>10}  needs ≥ {p['subjects_needed']} subjects with ≥ {min_frames} encodings "
-                         f"(have {p['subjects']})")
+             *_points(report, "TAR 3 fr.", f"subjects with ≥ {min_frames} encodings")]
     if tar and report.chosen is not None:
         lines.append(f"at the track threshold {report.chosen.threshold:.4f}: " + ", ".join(
             f"TAR {tar[f'tar_{n}_frames']:.2%} over {tar[f'tracks_{n}_frames']} {n}-frame tracks"
