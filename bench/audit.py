@@ -39,7 +39,6 @@ from bench.common import (
     Server,
     api_key,
     identities,
-    pct,
     probes,
     settings_of,
     start_stack,
@@ -48,7 +47,7 @@ from bench.common import (
     wrk_run,
 )
 from bench.enrol import bulk_load
-from bench.paced import LoopPacer, abba, in_process_api
+from bench.paced import LoopPacer, abba, in_process_api, rises, summary
 
 ENROLLED = [uuid.UUID(int=(0x5EED << 64) + i) for i in range(1000)]  # the people a camera keeps seeing
 TAG = "audit-base"
@@ -79,11 +78,8 @@ def paced(settings: Any, token: str, body: bytes, args: argparse.Namespace) -> d
         base, loaded, on_seconds = abba(port, token, body, pacer, args.rounds, args.phase)
         assert log.flush(120)
         row: dict[str, Any] = {"events_per_s": round(pacer.submitted / on_seconds),
-                               "backpressure_waits": int(BACKPRESSURE._value.get() - waits)}
-        for p in (50, 90, 99):
-            row[f"p{p}_ms"] = [round(pct(base, p), 3), round(pct(loaded, p), 3)]
-            row[f"p{p}_rise_pct"] = round((pct(loaded, p) / pct(base, p) - 1) * 100, 1)
-        row["calls"] = [len(base), len(loaded)]
+                               "backpressure_waits": int(BACKPRESSURE._value.get() - waits),
+                               **rises(base, loaded, (50, 90, 99))}
         print(f"  {'null pacer' if null else 'audit load'}: {row}", flush=True)
         return row
 
@@ -92,10 +88,8 @@ def paced(settings: Any, token: str, body: bytes, args: argparse.Namespace) -> d
         null = compare(True)
     finally:
         server.should_exit = True
-    rises = [r["p99_rise_pct"] for r in runs]
-    return {"rate": args.rate, "client_rate": 200, "rounds": args.rounds, "phase_s": args.phase, "runs": runs,
-            "null_pacer": null, "p99_rise_median_pct": float(np.median(rises)),
-            "meets_target": float(np.median(rises)) <= 10.0}
+    out = summary(runs, null, args)
+    return {**out, "meets_target": out["p99_rise_median_pct"] <= 10.0}
 
 
 def preload(stack: Any, server: Server, vectors: np.ndarray, ident: np.ndarray) -> dict[str, Any]:

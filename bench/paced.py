@@ -14,8 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from appliance.stack.process import free_port
-from bench.common import MODEL, RawClient
+from bench.common import MODEL, RawClient, pct
 
 TICK, SETTLE = 0.001, 0.15
 
@@ -127,3 +129,20 @@ def abba(port: int, token: str, body: bytes, pacer: LoopPacer, rounds: int, phas
     pacer.close()
     base, loaded = split_by_phase(calls, switches, t0 + len(order) * phase, SETTLE)
     return base, loaded, on_seconds
+
+
+def rises(base: list[float], loaded: list[float], percentiles: tuple[int, ...]) -> dict[str, Any]:
+    """Each percentile without and with the load (ms) and its rise in %, and the calls on each side."""
+    row: dict[str, Any] = {}
+    for p in percentiles:
+        row[f"p{p}_ms"] = [round(pct(base, p), 3), round(pct(loaded, p), 3)]
+        row[f"p{p}_rise_pct"] = round((pct(loaded, p) / pct(base, p) - 1) * 100, 1)
+    row["calls"] = [len(base), len(loaded)]
+    return row
+
+
+def summary(runs: list[dict[str, Any]], null: dict[str, Any], args: Any) -> dict[str, Any]:
+    """What both paced benches report: the settings, every run, the null pacer's run, the median p99 rise."""
+    median = float(np.median([r["p99_rise_pct"] for r in runs]))
+    return {"rate": args.rate, "client_rate": 200, "rounds": args.rounds, "phase_s": args.phase, "runs": runs,
+            "null_pacer": null, "p99_rise_median_pct": median}

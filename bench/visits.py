@@ -45,7 +45,7 @@ from bench.common import (
     write_result,
 )
 from bench.enrol import bulk_load
-from bench.paced import LoopPacer, abba, in_process_api
+from bench.paced import LoopPacer, abba, in_process_api, rises, summary
 
 CAMERAS, SUBJECTS, MATCH_SHARE, DAYS = 20, 1000, 0.4, 30
 SUBJECT_IDS = [uuid.UUID(int=(0x715175 << 64) + i) for i in range(SUBJECTS)]
@@ -228,22 +228,16 @@ def ingest(settings: Any, token: str, body: bytes, args: argparse.Namespace) -> 
                                              (camera, datetime.now(UTC).date() - timedelta(days=1))).fetchone()[0])
             row: dict[str, Any] = {"null_pacer": null, "visits_per_s": round(pacer.submitted / on_seconds),
                                    "recorded": 0 if null else pacer.submitted,
-                                   "committed": committed, "dropped": int(DROPPED._value.get() - dropped)}
-            for p in (50, 99):
-                row[f"p{p}_ms"] = [round(pct(base, p), 3), round(pct(loaded, p), 3)]
-                row[f"p{p}_rise_pct"] = round((pct(loaded, p) / pct(base, p) - 1) * 100, 1)
-            row["calls"] = [len(base), len(loaded)]
+                                   "committed": committed, "dropped": int(DROPPED._value.get() - dropped),
+                                   **rises(base, loaded, (50, 99))}
             print(f"  ingest: {row}", flush=True)
             runs.append(row)
     finally:
         server.should_exit = True
     null_run = runs.pop()
-    rises = [r["p99_rise_pct"] for r in runs]
-    return {"rate": args.rate, "client_rate": 200, "rounds": args.rounds, "phase_s": args.phase, "runs": runs,
-            "null_pacer": null_run,
-            "p99_rise_median_pct": float(np.median(rises)),
-            "all_committed": all(r["committed"] == r["recorded"] for r in runs),
-            "meets_target": float(np.median(rises)) <= 10.0
+    out = summary(runs, null_run, args)
+    return {**out, "all_committed": all(r["committed"] == r["recorded"] for r in runs),
+            "meets_target": out["p99_rise_median_pct"] <= 10.0
             # the pacer offers --rate; what it measures is a little less (ticks lost at each switch)
             and all(r["visits_per_s"] >= 0.99 * args.rate and r["committed"] == r["recorded"] for r in runs)}
 
