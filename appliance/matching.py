@@ -32,7 +32,7 @@ from vector.errors import IndexNotReady, SnapshotError, UnknownModel
 from vector.feed import Feed, FeedMessage
 from vector.fusion import FRAME_CANDIDATES, Frame, MemoryTracks, RedisTracks, TrackConfig, TrackDecision, TrackStore
 from vector.index import HotIndex, IndexParams, single_threaded_search
-from vector.matcher import Candidate, search_candidates
+from vector.matcher import Candidate, candidates_from_rows, search_candidates
 from vector.memory import release_free_heap
 from vector.templates import TemplateKeys
 from vector.tombstones import LocalTombstones
@@ -309,15 +309,7 @@ class IndexService:
         fresh = self._remote_tombstones([r[0] for r in rows])
         if fresh:
             self.add_tombstones(fresh)
-        dead, seen, out = self.dead, set(), []
-        for label, subject, encoding, sim in rows:
-            if label in dead or subject in seen:
-                continue
-            seen.add(subject)
-            out.append(Candidate(subject, encoding, label, min(1.0, max(-1.0, sim))))
-            if len(out) == k:
-                break
-        return out
+        return candidates_from_rows(rows, k, self.dead)
 
     def _remote_tombstones(self, labels: list[int]) -> list[int]:
         """Labels tombstoned in Redis that this process has not heard of yet (feed behind)."""

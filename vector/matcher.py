@@ -105,6 +105,18 @@ def finite_similarities(sims: np.ndarray) -> np.ndarray:
     return sims
 
 
+def candidates_from_rows(rows: list[tuple[int, bytes, bytes, float]], k: int,
+                         dead: Container[int]) -> list[Candidate]:
+    """``best_per_subject`` over rows (label, subject bytes, encoding bytes, similarity), best first, as the
+    cold path gets them from PostgreSQL: the same rules as the hot path's hits."""
+    n = len(rows)
+    hits = Hits(sims=finite_similarities(np.array([[r[3] for r in rows]], np.float64).reshape(1, n)),
+                labels=np.array([[r[0] for r in rows]], np.int64).reshape(1, n),
+                subjects=np.frombuffer(b"".join(r[1] for r in rows), np.uint8).reshape(1, n, 16),
+                encodings=np.frombuffer(b"".join(r[2] for r in rows), np.uint8).reshape(1, n, 16))
+    return best_per_subject(hits, 0, k, dead)[0]
+
+
 def search_candidates(
     search: Callable[[int], Hits], nq: int, k: int, live: int, dead: Container[int], oversample: int = 4,
     width: int | None = None,

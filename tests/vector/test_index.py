@@ -12,7 +12,7 @@ import pytest
 from vector import snapshot
 from vector.errors import InvalidVector, SnapshotError
 from vector.index import HotIndex, IndexParams
-from vector.matcher import best_per_subject, search_candidates
+from vector.matcher import best_per_subject, candidates_from_rows, search_candidates
 from vector.store import TemplateBatch, uuids_to_bytes
 from vector.templates import as_matrix, from_float32_bytes
 
@@ -94,6 +94,20 @@ def test_candidates_are_one_per_subject_best_first_without_tombstones() -> None:
     hits = index.search(q, 60)
     all_cands, exhausted = best_per_subject(hits, 0, 100, set())
     assert exhausted and len(all_cands) == 10
+
+
+def test_cold_rows_follow_the_hot_rules() -> None:
+    """The cold path's PostgreSQL rows: one candidate per subject, best first, never a dead label,
+    similarities within [-1, 1] (rounding past 1 trimmed), at most k."""
+    a, b, c = (uuid.UUID(int=i).bytes for i in (1, 2, 3))
+    rows = [(7, b, uuid.uuid4().bytes, 1.0000002), (8, a, uuid.uuid4().bytes, 0.9), (9, b, uuid.uuid4().bytes, 0.8),
+            (10, c, uuid.uuid4().bytes, 0.7)]
+    cands = candidates_from_rows(rows, 5, {7})
+    assert [(x.label, x.subject) for x in cands] == [(8, a), (9, b), (10, c)]
+    assert cands[1].encoding == rows[2][2]
+    got = candidates_from_rows(rows, 2, set())
+    assert [(x.label, x.similarity) for x in got] == [(7, 1.0), (8, 0.9)]
+    assert candidates_from_rows([], 3, {1}) == []
 
 
 @pytest.mark.parametrize("bad", [[1.0] * 31, [float("nan")] + [1.0] * 31, [float("inf")] + [1.0] * 31, [0.0] * 32,
