@@ -99,24 +99,9 @@ class Fused:
     margin: float | None  # best subject's score minus the runner-up's
 
 
-def _tally(frames: Sequence[Frame]) -> tuple[float, dict[bytes, float], dict[bytes, list[float]]]:
-    """Threshold-free sums: the frames' floors, each subject's excess over them, its listed similarities."""
-    excess: dict[bytes, float] = {}  # sum over frames of (similarity - that frame's floor)
-    listed: dict[bytes, list[float]] = {}
-    floor_sum = 0.0
-    for f in frames:
-        floor = f.sims[-1] if f.sims else -1.0
-        floor_sum += floor
-        for s, x in zip(f.subjects, f.sims, strict=True):
-            excess[s] = excess.get(s, 0.0) + (x - floor)
-            listed.setdefault(s, []).append(x)
-    return floor_sum, excess, listed
-
-
-def fuse(frames: Sequence[Frame], threshold: float, min_frames: int, min_margin: float | None = None) -> Fused:
-    """The module rule over ``frames`` (oldest first). Deterministic: ties go to the smaller subject id,
-    so every worker that sees the same frames gives the same answer. One pass, no sort: it runs once or
-    twice per frame with a ``track_id`` on the match path."""
+def _tally(frames: Sequence[Frame]) -> tuple[float, dict[bytes, float]]:
+    """Threshold-free sums in one pass: the frames' floors (each frame's lowest listed similarity, what an
+    unlisted subject is counted), and each subject's excess over them (a mean = (floors + excess) / n)."""
     excess: dict[bytes, float] = {}  # sum over frames of (similarity - that frame's floor)
     floor_sum = 0.0
     for f in frames:
@@ -125,6 +110,19 @@ def fuse(frames: Sequence[Frame], threshold: float, min_frames: int, min_margin:
         floor_sum += floor
         for s, x in zip(f.subjects, sims, strict=True):
             excess[s] = excess.get(s, 0.0) + (x - floor)
+    return floor_sum, excess
+
+
+def _listed(frames: Sequence[Frame], subject: bytes) -> list[float]:
+    """``subject``'s own similarity in each frame that listed it (a frame lists a subject at most once)."""
+    return [f.sims[f.subjects.index(subject)] for f in frames if subject in f.subjects]
+
+
+def fuse(frames: Sequence[Frame], threshold: float, min_frames: int, min_margin: float | None = None) -> Fused:
+    """The module rule over ``frames`` (oldest first). Deterministic: ties go to the smaller subject id,
+    so every worker that sees the same frames gives the same answer. One pass, no sort: it runs once or
+    twice per frame with a ``track_id`` on the match path."""
+    floor_sum, excess = _tally(frames)
     if not excess:
         return Fused("unknown", None, -1.0, None)
     best = second = b""
@@ -138,7 +136,7 @@ def fuse(frames: Sequence[Frame], threshold: float, min_frames: int, min_margin:
     score = (floor_sum + top) / n
     margin = (top - runner) / n if len(excess) > 1 else None
     named = n >= min_frames and score >= threshold and (min_margin is None or margin is None or margin >= min_margin)
-    if named:
+    if named:  # ``_listed``, counted in place (per tracked frame on the match path)
         agree = 0
         for f in frames:
             if best in f.subjects and f.sims[f.subjects.index(best)] >= threshold:
@@ -151,11 +149,11 @@ def naming_threshold(frames: Sequence[Frame], min_frames: int) -> tuple[bytes | 
     """Whom ``fuse`` would name and the highest threshold at which it still would (no ``min_margin``):
     one number per track, so ``bench/accuracy.py`` can draw a ROC of the rule itself. -2 (below every
     threshold) when it would name nobody at any threshold."""
-    floor_sum, excess, listed = _tally(frames)
+    floor_sum, excess = _tally(frames)
     if not excess or len(frames) < min_frames:
         return None, -2.0
     best, top = min(excess.items(), key=lambda kv: (-kv[1], kv[0]))
-    sims = sorted(listed[best], reverse=True)
+    sims = sorted(_listed(frames, best), reverse=True)
     if len(sims) < min_frames:
         return best, -2.0
     return best, min((floor_sum + top) / len(frames), sims[min_frames - 1] if min_frames > 0 else 1.0)
