@@ -215,12 +215,12 @@ def search_active(
         "JOIN subjects s ON s.id = top.subject_id ORDER BY top.d"
     ).format(d=sql.Literal(dim), m=sql.Literal(check_model_name(model)))
     with conn.transaction():
-        conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(max(1, int(timeout_ms)))))
+        _statement_timeout(conn, timeout_ms)
         rows = conn.execute(query, {"q": np.asarray(template, np.float32), "v": version, "k": limit,
                                     "x": exclude}).fetchall()
-        seq = conn.execute("SELECT feed_seq FROM index_state WHERE model = %s", (model,)).fetchone()
+        seq = _feed_seq(conn, model)
     live = [(int(r[0]), r[1].bytes, r[2].bytes, float(r[3])) for r in rows if r[4]]
-    return live, len(rows), int(seq[0]) if seq else 0
+    return live, len(rows), seq
 
 
 def newer_and_live(
@@ -235,12 +235,23 @@ def newer_and_live(
         "WHERE model = {m} AND label > %(after)s AND template_version = %(v)s"
     ).format(d=sql.Literal(dim), m=sql.Literal(check_model_name(model)))
     with conn.transaction():
-        conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(max(1, int(timeout_ms)))))
+        _statement_timeout(conn, timeout_ms)
         newer = [(int(r[0]), r[1].bytes, r[2].bytes, float(r[3])) for r in conn.execute(
             query, {"q": np.asarray(template, np.float32), "after": after, "v": version}).fetchall()]
         live = {int(r[0]) for r in conn.execute(
             "SELECT e.label FROM encodings e JOIN subjects s ON s.id = e.subject_id "
             "WHERE e.label = ANY(%s) AND e.model = %s AND s.state = 'active'",
             ([*labels, *(r[0] for r in newer)], model)).fetchall()}
-        seq = conn.execute("SELECT feed_seq FROM index_state WHERE model = %s", (model,)).fetchone()
-    return newer, live, int(seq[0]) if seq else 0
+        seq = _feed_seq(conn, model)
+    return newer, live, seq
+
+
+def _statement_timeout(conn: psycopg.Connection, timeout_ms: int) -> None:
+    """Bound the rest of this transaction's statements (the cold path answers or fails, never piles up)."""
+    conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(max(1, int(timeout_ms)))))
+
+
+def _feed_seq(conn: psycopg.Connection, model: str) -> int:
+    """The model's feed position as of this transaction (0 before its index_state row exists)."""
+    pos = feed_position(conn, model)
+    return pos[0] if pos else 0
